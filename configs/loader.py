@@ -1,0 +1,72 @@
+"""Load a config: dataclass schema -> OmegaConf.structured -> YAML + key=value -> dataclass.
+
+Unknown keys are an error that names the key (OmegaConf's struct mode), bounds
+in field metadata are checked, and what comes back is a plain dataclass.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from pathlib import Path
+from typing import Any, Sequence, TypeVar
+
+T = TypeVar("T")
+
+
+class ConfigError(ValueError):
+    """A config file or override is wrong; the message names the key."""
+
+
+def load_config(path: str | Path | None = None, overrides: Sequence[str] = (), schema: type[T] | None = None) -> T:
+    """Merge the schema's defaults, an optional YAML file and `key=value` overrides."""
+    from omegaconf import OmegaConf
+    from omegaconf.errors import OmegaConfBaseException
+
+    if schema is None:
+        from configs.schema import WeftConfig as schema  # noqa: N813
+    base = OmegaConf.structured(schema)
+    layers = []
+    try:
+        if path is not None:
+            layers.append(OmegaConf.load(str(path)))
+        if overrides:
+            layers.append(OmegaConf.from_dotlist(list(overrides)))
+        merged = OmegaConf.merge(base, *layers)
+        obj = OmegaConf.to_object(merged)
+    except OmegaConfBaseException as e:
+        key = getattr(e, "full_key", None) or getattr(e, "key", None)
+        where = f" (in {path})" if path else ""
+        raise ConfigError(f"config key '{key}'{where}: {e.msg if hasattr(e, 'msg') else e}") from None
+    check_bounds(obj)
+    return obj
+
+
+def check_bounds(obj: Any, prefix: str = "") -> None:
+    """Check the min/max/choices of every field, recursing into nested dataclasses."""
+    for fld in dataclasses.fields(obj):
+        value = getattr(obj, fld.name)
+        key = f"{prefix}{fld.name}"
+        if dataclasses.is_dataclass(value):
+            check_bounds(value, key + ".")
+            continue
+        if value is None or isinstance(value, (list, dict)):
+            continue
+        meta = fld.metadata
+        if "choices" in meta and value not in meta["choices"]:
+            raise ConfigError(f"config key '{key}': {value!r} is not one of {meta['choices']}")
+        if "min" in meta and value < meta["min"]:
+            raise ConfigError(f"config key '{key}': {value!r} is below the minimum {meta['min']}")
+        if "max" in meta and value > meta["max"]:
+            raise ConfigError(f"config key '{key}': {value!r} is above the maximum {meta['max']}")
+
+
+def to_yaml(obj: Any) -> str:
+    """The YAML text of a config dataclass (what a run saves next to its outputs)."""
+    from omegaconf import OmegaConf
+
+    return OmegaConf.to_yaml(OmegaConf.structured(obj))
+
+
+def shipped_configs() -> list[Path]:
+    """Every YAML file shipped in configs/."""
+    return sorted(Path(__file__).parent.glob("*.yaml"))
