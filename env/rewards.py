@@ -1,0 +1,253 @@
+"""Rewards as named terms: answer matching, Video-o3's evidence score, and the episode total.
+
+`compute_reward` returns the total and its *weighted* parts (accuracy, format,
+tool, evidence, cost); the parts sum to the total exactly (the total is their
+sum). Decisions:
+* An episode that ends without an answer (truncated, aborted, failed) counts one
+  extra format error: not answering is a way of not following the format.
+* format = max(-1, 1 - format_penalty * format_errors), weighted by cfg.format.
+* tool bonus: answer right and >= 1 tool call succeeded.
+* evidence: answer right, no format errors (counting the one above), and the task
+  has ground-truth spans. Its value is ((2*IoU + IoP + IoG)/4 + 1)/2 as Video-o3
+  states it, so a right answer whose windows miss the spans still gets 0.5 of the
+  weight; zero windows give 0.
+* A get_frame / spatial_zoom at time t is the window [t - POINT_HALF_WIDTH_S,
+  t + POINT_HALF_WIDTH_S] (use `point_window`); the env builds zoom_windows.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+import unicodedata
+from dataclasses import dataclass
+from typing import Optional
+
+from configs.schema import RewardConfig
+
+POINT_HALF_WIDTH_S = 0.5
+NUMERIC_REL_TOL = 1e-6
+
+# ---------------------------------------------------------------- answer matching
+
+_ARTICLES_RE = re.compile(r"\b(a|an|the)\b")
+_PUNCT_RE = re.compile(r"[^\w\s]|_")
+_SPACE_RE = re.compile(r"\s+")
+_NUMBER_RE = re.compile(r"[-+]?(?:\d{1,3}(?:,\d{3})+|\d+)(?:\.\d+)?(?:[eE][-+]?\d+)?|[-+]?\.\d+")
+_LEAD_IN_RE = re.compile(r"^\s*(?:(?:the\s+)?(?:final\s+)?answer\s*(?:is|:)?|option|choice)\s*[:\-]?\s*", re.IGNORECASE)
+# A letter label and what follows it: "(B) ...", "[B] ...", "B. ...", "B) ...", "B: ...", or "B" alone.
+# A letter followed by a plain space ("A red car") is not a label: there it is usually an article.
+_LETTER_RE = re.compile(r"^(?:\(([A-Za-z])\)|\[([A-Za-z])\]|([A-Za-z])[.:)]|([A-Za-z])$)(.*)$", re.DOTALL)
+_NUMBER_WORDS = {w: i for i, w in enumerate(
+    "zero one two three four five six seven eight nine ten eleven twelve thirteen fourteen "
+    "fifteen sixteen seventeen eighteen nineteen twenty".split())}
+_NUMBER_WORDS.update({"thirty": 30, "forty": 40, "fifty": 50, "sixty": 60, "seventy": 70,
+                      "eighty": 80, "ninety": 90, "hundred": 100})
+
+
+def normalize_text(s: str) -> str:
+    """Lowercase, NFKC, punctuation and articles removed, spaces collapsed (SQuAD-style)."""
+    s = unicodedata.normalize("NFKC", str(s)).lower()
+    s = _PUNCT_RE.sub(" ", s)
+    s = _ARTICLES_RE.sub(" ", s)
+    return _SPACE_RE.sub(" ", s).strip()
+
+
+def match_answer(pred: Optional[str], answer: str, options: Optional[list[str]]) -> bool:
+    """True if `pred` means the same as the ground truth `answer` (letter or text of an option,
+    a number within relative tolerance 1e-6, or normalised short text). Never raises."""
+    try:
+        return _match(pred, answer, options)
+    except Exception:  # a reward function must not kill training over one odd string
+        return False
+
+
+def _match(pred: Optional[str], answer: str, options: Optional[list[str]]) -> bool:
+    if pred is None or not str(pred).strip() or answer is None:
+        return False
+    pred, answer = str(pred), str(answer)
+    if options:
+        texts = [_option_text(o, i) for i, o in enumerate(options)]
+        gold = _choice_index(answer, texts)
+        if gold is not None:
+            return _choice_index(pred, texts) == gold
+    elif _letter(answer, 26) is not None and len(answer.strip(" ()[].:")) == 1:
+        # A letter answer with no option list: compare letters.
+        return _letter(pred, 26) == _letter(answer, 26)
+    gold_num = _as_number(answer)
+    if gold_num is not None:
+        got = _number_in(pred)
+        return got is not None and math.isclose(got, gold_num, rel_tol=NUMERIC_REL_TOL, abs_tol=1e-12)
+    return normalize_text(pred) == normalize_text(answer) != ""
+
+
+def _option_text(option: str, i: int) -> str:
+    """An option's text without its own label: 'B. red car' and 'red car' both give 'red car'."""
+    s = str(option).strip()
+    label = _label(s)
+    if label is not None and label[0].upper() == chr(65 + i) and label[1].strip():
+        s = label[1]
+    return normalize_text(s)
+
+
+def _choice_index(s: str, texts: list[str]) -> Optional[int]:
+    """Which option `s` names: its exact text first (so 'a cat' is text, not letter a), then a letter."""
+    for candidate in (s, _LEAD_IN_RE.sub("", s, count=1)):
+        norm = normalize_text(candidate)
+        if norm and norm in texts:
+            return texts.index(norm)
+    return _letter(s, len(texts))
+
+
+def _label(s: str) -> Optional[tuple[str, str]]:
+    """(letter, rest) if `s` starts with a letter label, else None."""
+    m = _LETTER_RE.match(s)
+    if not m:
+        return None
+    letter = next(g for g in m.groups()[:4] if g)
+    return letter, m.group(5)
+
+
+def _letter(s: str, n: int) -> Optional[int]:
+    """Index of the letter label that starts `s` (after a lead-in like 'Answer:' or 'Option'), if any."""
+    label = _label(_LEAD_IN_RE.sub("", s.strip(), count=1).strip())
+    if label is None:
+        return None
+    idx = ord(label[0].upper()) - 65
+    return idx if 0 <= idx < n else None
+
+
+def _as_number(s: str) -> Optional[float]:
+    """The value of a string that is just a number ('3', '3.0', '-1,000', 'three'), else None."""
+    t = s.strip().rstrip(".").strip()
+    if _NUMBER_RE.fullmatch(t):
+        return _to_float(t)
+    return _NUMBER_WORDS.get(normalize_text(t))
+
+
+def _number_in(s: str) -> Optional[float]:
+    """The number a prediction states: itself if it is one, else its only number ('3 cars')."""
+    whole = _as_number(s)
+    if whole is not None:
+        return whole
+    found = {v for v in (_to_float(m) for m in _NUMBER_RE.findall(s)) if v is not None}
+    found |= {float(_NUMBER_WORDS[w]) for w in normalize_text(s).split() if w in _NUMBER_WORDS}
+    return found.pop() if len(found) == 1 else None
+
+
+def _to_float(t: str) -> Optional[float]:
+    try:
+        v = float(t.replace(",", ""))
+    except ValueError:
+        return None
+    return v if math.isfinite(v) else None
+
+
+# ---------------------------------------------------------------- evidence
+
+
+def point_window(t: float, half_width: float = POINT_HALF_WIDTH_S) -> tuple[float, float]:
+    """The window a single-moment tool call (get_frame, spatial_zoom) counts as."""
+    return (t - half_width, t + half_width)
+
+
+def union_intervals(intervals: list[tuple[float, float]]) -> list[tuple[float, float]]:
+    """Sorted, disjoint union of intervals; reversed ones are flipped, non-finite ones dropped."""
+    clean = []
+    for iv in intervals:
+        try:
+            a, b = float(iv[0]), float(iv[1])
+        except (TypeError, ValueError, IndexError):
+            continue
+        if math.isfinite(a) and math.isfinite(b):
+            clean.append((min(a, b), max(a, b)))
+    clean.sort()
+    merged: list[tuple[float, float]] = []
+    for a, b in clean:
+        if merged and a <= merged[-1][1]:
+            merged[-1] = (merged[-1][0], max(merged[-1][1], b))
+        else:
+            merged.append((a, b))
+    return merged
+
+
+def _length(union: list[tuple[float, float]]) -> float:
+    return sum(b - a for a, b in union)
+
+
+def _intersection_length(u: list[tuple[float, float]], v: list[tuple[float, float]]) -> float:
+    """|U ∩ V| of two disjoint sorted unions, by a two-pointer sweep."""
+    i = j = 0
+    total = 0.0
+    while i < len(u) and j < len(v):
+        lo, hi = max(u[i][0], v[j][0]), min(u[i][1], v[j][1])
+        if hi > lo:
+            total += hi - lo
+        if u[i][1] < v[j][1]:
+            i += 1
+        else:
+            j += 1
+    return total
+
+
+def evidence_score(windows: list[tuple[float, float]], spans: list[tuple[float, float]]) -> float:
+    """Video-o3: ((2*IoU + IoP + IoG)/4 + 1)/2 of W = union(windows) vs S = union(spans).
+
+    IoU = |W∩S|/|W∪S|, IoP = |W∩S|/|W|, IoG = |W∩S|/|S|. No windows (or no spans) -> 0.
+    Windows that miss the spans entirely give 0.5 (the formula's floor)."""
+    w, s = union_intervals(windows), union_intervals(spans)
+    len_w, len_s = _length(w), _length(s)
+    if len_w <= 0 or len_s <= 0:
+        return 0.0
+    inter = _intersection_length(w, s)
+    iou = inter / (len_w + len_s - inter)
+    iop = inter / len_w
+    iog = inter / len_s
+    return ((2 * iou + iop + iog) / 4 + 1) / 2
+
+
+# ---------------------------------------------------------------- episode reward
+
+
+@dataclass
+class EpisodeSummary:
+    """What the reward needs to know about one finished episode."""
+
+    answer: Optional[str]
+    task_answer: str
+    options: Optional[list[str]]
+    evidence: list[tuple[float, float]]
+    format_errors: int
+    tool_calls_ok: int
+    zoom_windows: list[tuple[float, float]]
+    frames_returned: int
+    turns: int
+    status: str
+
+
+def is_correct(s: EpisodeSummary) -> bool:
+    return s.answer is not None and match_answer(s.answer, s.task_answer, s.options)
+
+
+def effective_format_errors(s: EpisodeSummary) -> int:
+    """Malformed actions, plus one if the episode ended without an answer."""
+    return max(0, int(s.format_errors)) + (1 if s.answer is None else 0)
+
+
+def compute_reward(s: EpisodeSummary, cfg: RewardConfig) -> tuple[float, dict[str, float]]:
+    """(total, weighted terms by name); sum(terms.values()) == total exactly."""
+    correct = is_correct(s)
+    n_errors = effective_format_errors(s)
+    format_value = max(-1.0, 1.0 - cfg.format_penalty * n_errors)
+    evidence_value = 0.0
+    if correct and n_errors == 0 and s.evidence:
+        evidence_value = evidence_score(s.zoom_windows, s.evidence)
+    cost = cfg.cost_per_frame * max(0, s.frames_returned) + cfg.cost_per_turn * max(0, s.turns - 1)
+    terms = {
+        "accuracy": cfg.accuracy * (1.0 if correct else 0.0),
+        "format": cfg.format * format_value,
+        "tool": cfg.tool * (1.0 if correct and s.tool_calls_ok >= 1 else 0.0),
+        "evidence": cfg.evidence * evidence_value,
+        "cost": -cost if cost else 0.0,
+    }
+    return sum(terms.values()), terms
