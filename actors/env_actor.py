@@ -29,6 +29,9 @@ class EnvActor:
     def step(self, episode_id: str, action: str):
         return self.venv.step(episode_id, action)
 
+    def truncate(self, episode_id: str, reason: str = "budget"):
+        return self.venv.truncate(episode_id, reason)
+
     def reset_batch(self, items):
         return self.venv.reset_batch(items)
 
@@ -64,6 +67,9 @@ class EnvHandle:
 
     def step(self, episode_id: str, action: str):
         return ray.get(self.actor.step.remote(episode_id, action))
+
+    def truncate(self, episode_id: str, reason: str = "budget"):
+        return ray.get(self.actor.truncate.remote(episode_id, reason))
 
     def reset_batch(self, items):
         return ray.get(self.actor.reset_batch.remote(list(items)))

@@ -24,16 +24,12 @@ import numpy as np
 from configs.schema import EnvConfig, RewardConfig
 from env.errors import VideoError
 from env.parser import parse_action
-from env.rewards import EpisodeSummary, compute_reward
+from env.rewards import EpisodeSummary, compute_reward, point_window
 from env.search import CaptionIndex
 from env.tools import tool_schemas, validate_call
 from env.types import IMAGE_MARKER, Frame, Observation, Task, ToolCall
 from env.video import FrameDecoder, get_decoder, resize_to_fit
 from protos.records import FrameRef, Status, content_hash
-
-# A point tool (get_frame, spatial_zoom) at time t counts as the window t +- this
-# for the evidence reward: the model looked at that moment, not a span.
-POINT_WINDOW_S = 0.5
 
 # Tool calls of one turn run in parallel on this pool (decoding releases the GIL).
 _TOOL_POOL: Optional[ThreadPoolExecutor] = None
@@ -147,14 +143,16 @@ class VideoToolEnv:
     def _step(self, ep: _Episode, action: str) -> tuple[Observation, float, bool, bool, dict]:
         ep.turns += 1
         parsed = parse_action(action, max_calls=self.cfg.max_calls_per_turn)
-        ep.format_errors += len(parsed.errors)
         lines = [f"error: {e}" for e in parsed.errors]
         if parsed.answer is not None:
+            ep.format_errors += bool(parsed.errors)
             ep.answer, ep.done, ep.status = parsed.answer, True, Status.COMPLETED
             reward, terms = self._score(ep)
             return Observation("\n".join(lines)), reward, True, False, self._info(ep, reward_terms=terms)
-        text, frames = self._run_calls(ep, parsed.calls)
-        lines.append(text) if text else None
+        text, frames, refused = self._run_calls(ep, parsed.calls)
+        if text:
+            lines.append(text)
+        ep.format_errors += bool(parsed.errors or refused)  # one penalty per malformed turn, however many faults
         if ep.turns >= self.cfg.max_turns:
             ep.done, ep.status = True, Status.TRUNCATED
             reward, terms = self._score(ep)
@@ -164,9 +162,19 @@ class VideoToolEnv:
                      f"{self.cfg.max_frames - ep.frames_returned} frame(s) left]")
         return Observation("\n".join(lines), frames), 0.0, False, False, self._info(ep)
 
+    def truncate(self, reason: str = "budget") -> tuple[float, dict]:
+        """End the episode from outside (the agent loop ran out of tokens): scored as TRUNCATED."""
+        ep = self._ep
+        if ep is None or ep.done:
+            return 0.0, self._info(ep) if ep else {"status": "FAILED"}
+        ep.done, ep.status = True, Status.TRUNCATED
+        reward, terms = self._score(ep)
+        return reward, self._info(ep, reward_terms=terms, truncated_by=reason)
+
     # ---------------------------------------------------------------- tools
-    def _run_calls(self, ep: _Episode, calls: list[ToolCall]) -> tuple[str, list[Frame]]:
-        """Validate every call against schema and budgets, then run the valid ones in parallel."""
+    def _run_calls(self, ep: _Episode, calls: list[ToolCall]) -> tuple[str, list[Frame], int]:
+        """Validate every call against schema and budgets, run the valid ones in parallel.
+        Returns the observation text, the frames, and how many calls were refused."""
         plans: list[tuple[ToolCall, Optional[dict], Optional[str]]] = []
         frames_left = self.cfg.max_frames - ep.frames_returned
         for call in calls:
@@ -180,8 +188,6 @@ class VideoToolEnv:
                 else:
                     frames_left -= need
                     ep.tool_calls += 1
-            if err is not None:
-                ep.format_errors += 1
             plans.append((call, args, err))
         runnable = [(c, a) for c, a, e in plans if e is None]
         pool = _tool_pool(self.cfg.decode_threads)
@@ -197,7 +203,7 @@ class VideoToolEnv:
             ep.frames_returned += len(fr)  # tool frames count against the budget; the overview is free
             texts.append(f"{head} {text}")
             frames += fr
-        return "\n".join(texts), frames
+        return "\n".join(texts), frames, sum(e is not None for _, _, e in plans)
 
     def _run_tool(self, ep: _Episode, name: str, args: dict) -> tuple[str, list[Frame]]:
         if name == "temporal_zoom":
@@ -208,11 +214,11 @@ class VideoToolEnv:
             return _frame_list_text(f"{len(frames)} frame(s) from {start:.1f}s to {end:.1f}s:", frames), frames
         if name == "get_frame":
             frames = self._decode(ep, [args["time"]], tuple(self.cfg.zoom_size))
-            ep.zoom_windows.append(_point_window(args["time"], ep.duration))
+            ep.zoom_windows.append(_clip(point_window(args["time"]), ep.duration))
             return _frame_list_text("1 frame:", frames), frames
         if name == "spatial_zoom":
             frames = self._decode(ep, [args["time"]], None, crop=tuple(args["bbox"]))
-            ep.zoom_windows.append(_point_window(args["time"], ep.duration))
+            ep.zoom_windows.append(_clip(point_window(args["time"]), ep.duration))
             x1, y1, x2, y2 = args["bbox"]
             return _frame_list_text(f"crop [{x1:.2f}, {y1:.2f}, {x2:.2f}, {y2:.2f}]:", frames), frames
         if name == "temporal_search":
@@ -276,8 +282,8 @@ def _frames_needed(name: str, args: dict) -> int:
     return args["num_frames"] if name == "temporal_zoom" else (0 if name == "temporal_search" else 1)
 
 
-def _point_window(t: float, duration: float) -> tuple[float, float]:
-    return max(0.0, t - POINT_WINDOW_S), min(duration, t + POINT_WINDOW_S)
+def _clip(window: tuple[float, float], duration: float) -> tuple[float, float]:
+    return max(0.0, window[0]), min(duration, window[1])
 
 
 def _frame_list_text(head: str, frames: list[Frame]) -> str:

@@ -128,11 +128,10 @@ class RandomPolicy:
     def act(self, obs: Observation, info: dict) -> str:
         if self.rng.random() < self.answer_prob:
             return f"<answer>{_guess(self.task, self.rng)}</answer>"
-        tool = self.rng.choice(self.tools)["function"]
-        if tool["name"] == "temporal_search" and not self.task.captions:
-            tool = next(t["function"] for t in self.tools if t["function"]["name"] == "get_frame")
-        args = sample_valid_args(tool["parameters"], self.rng, self.duration)
-        return call(tool["name"], **args)
+        tool = self.rng.choice(self.tools)
+        if tool["function"]["name"] == "temporal_search" and not self.task.captions:
+            tool = next(t for t in self.tools if t["function"]["name"] == "get_frame")
+        return call(tool["function"]["name"], **sample_valid_args(tool, self.rng, self.duration))
 
 
 class FuzzPolicy:
@@ -355,32 +354,34 @@ def _check_budgets(make_env, tasks, seed, problems, _n) -> int:
 
 
 def _check_schemas(make_env, tasks, seed, problems, _n) -> int:
+    """Every tool accepts what its schema allows and refuses each way of breaking it."""
     rng, env, checked = random.Random(seed), make_env(), 0
     task = next((t for t in tasks if t.captions), tasks[0])
     for spec in env.tools:
-        fn = spec["function"]
-        if fn["name"] == "temporal_search" and not task.captions:
+        name = spec["function"]["name"]
+        if name == "temporal_search" and not task.captions:
             continue
-        for valid in (True, False):
-            for _ in range(5):
-                obs, info = env.reset(task)
-                if info["status"] == "FAILED":
-                    return checked
-                sampler = sample_valid_args if valid else sample_invalid_args
-                args = sampler(fn["parameters"], rng, info["duration"])
-                obs, *_ = env.step(call(fn["name"], **args) if isinstance(args, dict)
-                                   else f"<tool_call>{json.dumps({'name': fn['name'], 'arguments': args})}</tool_call>")
-                refused = "error" in obs.text
-                if valid and refused:
-                    problems.append(f"schemas: {fn['name']} refused arguments its schema allows: {args} -> {obs.text[:200]}")
-                if not valid and not refused:
-                    problems.append(f"schemas: {fn['name']} accepted arguments its schema forbids: {args}")
-                checked += 1
+        obs, info = env.reset(task)
+        if info["status"] == "FAILED":
+            problems.append(f"schemas: task {task.id} failed at reset: {info.get('error')}")
+            return checked
+        cases = [("valid", sample_valid_args(spec, rng, info["duration"])) for _ in range(5)]
+        cases += sample_invalid_args(spec, rng, info["duration"])
+        for kind, args in cases:
+            env.reset(task)
+            obs, *_ = env.step(f"<tool_call>{json.dumps({'name': name, 'arguments': args})}</tool_call>")
+            refused = "error" in obs.text
+            if kind == "valid" and refused:
+                problems.append(f"schemas: {name} refused arguments its schema allows: {args} -> {obs.text[:200]}")
+            elif kind != "valid" and not refused:
+                problems.append(f"schemas: {name} accepted arguments breaking it ({kind}): {args}")
+            checked += 1
     return checked
 
 
 def _check_fuzz(make_env, tasks, seed, problems, n) -> int:
     env, rng, done = make_env(), random.Random(seed), 0
+    crashes_before = COUNTERS.get("env_crash", 0)
     actions = fuzz_actions(rng, n, duration=60.0)
     obs, info = env.reset(tasks[0])
     for action in actions:
@@ -393,6 +394,7 @@ def _check_fuzz(make_env, tasks, seed, problems, n) -> int:
         done += 1
         if len(problems) > 20:
             break
-    if COUNTERS.get("env_crash"):
-        problems.append(f"fuzz: the env caught {COUNTERS['env_crash']} internal crash(es)")
+    crashes = COUNTERS.get("env_crash", 0) - crashes_before
+    if crashes:
+        problems.append(f"fuzz: the env caught {crashes} internal crash(es)")
     return done

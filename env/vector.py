@@ -50,6 +50,12 @@ class VectorVideoEnv:
             self.close(episode_id)
         return result
 
+    def truncate(self, episode_id: str, reason: str = "budget") -> tuple[float, dict]:
+        """End an episode from outside and score it as TRUNCATED."""
+        with self._lock:
+            env = self._envs.pop(episode_id, None)
+        return env.truncate(reason) if env is not None else (0.0, {"status": "FAILED"})
+
     def reset_batch(self, items: Sequence[tuple[str, Task]]) -> list[tuple[Observation, dict]]:
         return self._map(lambda it: self.reset(it[0], it[1]), items)
 

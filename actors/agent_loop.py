@@ -1,0 +1,300 @@
+"""The agent loop: one multi-turn tool-calling episode -> one `Trajectory`, token-in/token-out.
+
+The token ids carried forward are exactly the engine's output plus the tokenised
+observations: the history is never re-tokenised from text. Only the first prompt
+and each observation are rendered through the chat template; an observation is
+rendered as the *suffix* the template puts after an assistant turn, so a template
+that adds text around tool responses (Qwen's `<|im_start|>user\n<tool_response>`)
+is honoured without ever rendering the history again.
+
+Per-token arrays: `loss_mask` is 1 on generated tokens, `behavior_logprobs` holds
+the engine's logprob there, and `policy_version` the weight version that sampled
+each token (a partial rollout spans versions). Images sit where their expanded
+`<|image_pad|>` runs are, and `media` holds one FrameRef per image, in order.
+
+Many episodes run concurrently as asyncio tasks over one engine. The env can be a
+VideoToolEnv, a VectorVideoEnv (in-process), or an EnvHandle (Ray EnvActor);
+`episode_env` gives all three one async shape.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+import uuid
+from dataclasses import dataclass, field
+from typing import Any, Optional, Protocol
+
+import numpy as np
+
+from env.types import IMAGE_MARKER, Observation, Task
+from protos.records import FrameRef, Status, Trajectory
+
+DEFAULT_SYSTEM_PROMPT = (
+    "You answer questions about a long video. You see a coarse overview first. Think inside <think></think>, "
+    "call tools to look closer (several calls in one turn run in parallel), and give the final answer inside "
+    "<answer></answer>.")
+
+
+@dataclass
+class Budgets:
+    """Per-episode limits the agent loop enforces (the env enforces turns, tool calls and frames)."""
+
+    max_tokens_per_turn: int = 256  # generated tokens in one turn
+    max_generated_tokens: int = 1024  # generated tokens in the whole episode
+    max_context_tokens: int = 8192  # prompt + everything appended; must fit the engine's max_model_len
+
+
+class EpisodeEnv(Protocol):
+    """One episode's env, async: the shape `episode_env` gives every env kind."""
+
+    async def reset(self, task: Task) -> tuple[Observation, dict]: ...
+
+    async def step(self, action: str) -> tuple[Observation, float, bool, bool, dict]: ...
+
+    async def truncate(self, reason: str) -> tuple[float, dict]: ...
+
+    async def close(self) -> None: ...
+
+
+class _ThreadedEpisode:
+    """A VideoToolEnv (one episode) or VectorVideoEnv slot, stepped on a worker thread."""
+
+    def __init__(self, env: Any, episode_id: str):
+        self.env, self.episode_id = env, episode_id
+        self.vector = hasattr(env, "step_batch")
+
+    async def reset(self, task: Task):
+        if self.vector:
+            return await asyncio.to_thread(self.env.reset, self.episode_id, task)
+        return await asyncio.to_thread(self.env.reset, task)
+
+    async def step(self, action: str):
+        if self.vector:
+            return await asyncio.to_thread(self.env.step, self.episode_id, action)
+        return await asyncio.to_thread(self.env.step, action)
+
+    async def truncate(self, reason: str):
+        if self.vector:
+            return await asyncio.to_thread(self.env.truncate, self.episode_id, reason)
+        return await asyncio.to_thread(self.env.truncate, reason)
+
+    async def close(self) -> None:
+        if self.vector:
+            self.env.close(self.episode_id)
+
+
+class _ActorEpisode:
+    """An EnvActor slot: awaits the actor's ObjectRefs directly (no thread per call)."""
+
+    def __init__(self, handle: Any, episode_id: str):
+        self.actor, self.episode_id = handle.actor, episode_id
+
+    async def reset(self, task: Task):
+        return await self.actor.reset.remote(self.episode_id, task)
+
+    async def step(self, action: str):
+        return await self.actor.step.remote(self.episode_id, action)
+
+    async def truncate(self, reason: str):
+        return await self.actor.truncate.remote(self.episode_id, reason)
+
+    async def close(self) -> None:
+        await self.actor.close.remote(self.episode_id)
+
+
+def episode_env(env: Any, episode_id: str) -> EpisodeEnv:
+    """One async episode view over any env kind."""
+    return _ActorEpisode(env, episode_id) if hasattr(env, "actor") else _ThreadedEpisode(env, episode_id)
+
+
+# ------------------------------------------------------------------- rendering
+
+
+def observation_content(obs: Observation) -> list[dict]:
+    """The observation as chat content parts: text with an image part at each marker."""
+    parts: list[dict] = []
+    pieces = obs.text.split(IMAGE_MARKER)
+    if len(pieces) - 1 != len(obs.frames):
+        raise ValueError(f"observation has {len(pieces) - 1} image markers for {len(obs.frames)} frames")
+    for i, piece in enumerate(pieces):
+        if piece:
+            parts.append({"type": "text", "text": piece})
+        if i < len(obs.frames):
+            parts.append({"type": "image"})
+    return parts
+
+
+class ChatRenderer:
+    """Renders the first prompt and each observation suffix with the tokenizer's chat template."""
+
+    def __init__(self, tokenizer: Any, tools: list[dict], system_prompt: str = DEFAULT_SYSTEM_PROMPT,
+                 end_of_turn: str = "<|im_end|>"):
+        self.tok, self.tools, self.system_prompt = tokenizer, tools, system_prompt
+        self.end_of_turn = end_of_turn
+        self.eot_id = tokenizer.convert_tokens_to_ids(end_of_turn)
+
+    def _render(self, messages: list[dict], generation_prompt: bool) -> str:
+        return self.tok.apply_chat_template(messages, tools=self.tools, tokenize=False,
+                                            add_generation_prompt=generation_prompt)
+
+    def _encode(self, text: str) -> list[int]:
+        return list(self.tok.encode(text, add_special_tokens=False))
+
+    def prompt_ids(self, obs: Observation) -> list[int]:
+        messages = [{"role": "system", "content": self.system_prompt},
+                    {"role": "user", "content": observation_content(obs)}]
+        return self._encode(self._render(messages, True))
+
+    def observation_ids(self, obs: Observation, turn_closed: bool) -> list[int]:
+        """Tokens that follow an assistant turn: the tool response and the next generation prompt.
+
+        Found as the text the template renders after `<assistant turn><end_of_turn>`,
+        so whatever the template puts between turns is included. If the turn was cut
+        (no end-of-turn token generated), the end-of-turn token is added first.
+        """
+        marker = "\x00WEFT_TURN\x00"
+        messages = [{"role": "user", "content": "q"}, {"role": "assistant", "content": marker},
+                    {"role": "tool", "content": observation_content(obs)}]
+        text = self._render(messages, True)
+        cut = text.index(marker + self.end_of_turn) + len(marker) + len(self.end_of_turn)
+        ids = self._encode(text[cut:])
+        return ids if turn_closed else [self.eot_id] + ids
+
+
+# ----------------------------------------------------------------- the episode
+
+
+@dataclass
+class _Builder:
+    """Per-token arrays under construction."""
+
+    token_ids: list[int] = field(default_factory=list)
+    loss_mask: list[int] = field(default_factory=list)
+    logprobs: list[float] = field(default_factory=list)
+    versions: list[int] = field(default_factory=list)
+    images: list[np.ndarray] = field(default_factory=list)
+    media: list[FrameRef] = field(default_factory=list)
+
+    def add_context(self, ids: list[int], obs: Optional[Observation] = None) -> None:
+        self.token_ids += ids
+        self.loss_mask += [0] * len(ids)
+        self.logprobs += [0.0] * len(ids)
+        self.versions += [-1] * len(ids)
+        if obs is not None:
+            self.images += [fr.image for fr in obs.frames]
+            self.media += [fr.ref for fr in obs.frames]
+
+    def add_generated(self, ids: np.ndarray, logprobs: np.ndarray, versions: np.ndarray) -> None:
+        self.token_ids += [int(t) for t in ids]
+        self.loss_mask += [1] * len(ids)
+        self.logprobs += [float(x) for x in logprobs]
+        self.versions += [int(v) for v in versions]
+
+
+async def run_episode(engine: Any, env: Any, task: Task, sampling: Any, budgets: Optional[Budgets] = None, *,
+                      renderer: Optional[ChatRenderer] = None, group_id: str = "", traj_id: str = "") -> Trajectory:
+    """Run one episode of `task` with the engine's policy in `env`; never raises for episode failures."""
+    budgets = budgets or Budgets()
+    traj_id = traj_id or uuid.uuid4().hex
+    slot = episode_env(env, f"{group_id or 'ep'}:{traj_id}")
+    b, texts, t0 = _Builder(), [], time.perf_counter()
+    timing = {"engine_s": 0.0, "env_s": 0.0}
+    status, error, reward, terms, info = Status.FAILED, "", 0.0, {}, {}
+    try:
+        te = time.perf_counter()
+        obs, info = await slot.reset(task)
+        timing["env_s"] += time.perf_counter() - te
+        if info.get("status") == "FAILED":
+            raise _EpisodeFailed(info.get("error", "env reset failed"))
+        renderer = renderer or ChatRenderer(engine.tokenizer, await _tools(env))
+        b.add_context(engine.expand_image_placeholders(renderer.prompt_ids(obs), [f.image for f in obs.frames]), obs)
+        status = Status.TRUNCATED
+        generated = 0
+        while True:
+            room = min(budgets.max_tokens_per_turn, budgets.max_generated_tokens - generated,
+                       budgets.max_context_tokens - len(b.token_ids) - 1)
+            if room < 1:
+                reward, info = await slot.truncate("token_budget")
+                terms = info.get("reward_terms", {})
+                break
+            turn_sampling = _with_max_tokens(sampling, room)
+            te = time.perf_counter()
+            out = await engine.generate(b.token_ids, b.images, turn_sampling, request_id=f"{traj_id}-{len(texts)}")
+            timing["engine_s"] += time.perf_counter() - te
+            if out.finish_reason == "abort":
+                status, error = Status.ABORTED, "generation aborted"
+                await slot.truncate("aborted")
+                break
+            b.add_generated(out.token_ids, out.logprobs, out.policy_version)
+            generated += len(out.token_ids)
+            text = engine.tokenizer.decode(out.token_ids, skip_special_tokens=False)
+            texts.append(text)
+            te = time.perf_counter()
+            obs, reward, terminated, truncated, info = await slot.step(text)
+            timing["env_s"] += time.perf_counter() - te
+            terms = info.get("reward_terms", terms)
+            if info.get("status") == "FAILED":
+                raise _EpisodeFailed(info.get("error", "env step failed"))
+            if terminated or truncated:
+                status = Status.COMPLETED if terminated else Status.TRUNCATED
+                break
+            closed = len(out.token_ids) > 0 and int(out.token_ids[-1]) == renderer.eot_id
+            obs_ids = engine.expand_image_placeholders(renderer.observation_ids(obs, closed),
+                                                       [f.image for f in obs.frames])
+            if len(b.token_ids) + len(obs_ids) >= budgets.max_context_tokens:
+                reward, info = await slot.truncate("context_budget")  # the observation does not fit
+                terms = info.get("reward_terms", {})
+                break
+            b.add_context(obs_ids, obs)
+    except _EpisodeFailed as e:
+        status, error = Status.FAILED, str(e)
+    except (ValueError, RuntimeError) as e:  # engine refused the prompt, template broke, ...: record, don't lose
+        status, error = Status.FAILED, f"{type(e).__name__}: {e}"
+    finally:
+        await _close(slot)
+    metrics = {"turns": float(len(texts)), "tool_calls": float(info.get("tool_calls_ok", 0)),
+               "frames": float(info.get("frames_returned", 0)), "generated_tokens": float(sum(b.loss_mask)),
+               "tokens": float(len(b.token_ids)), "images": float(len(b.media)),
+               "episode_s": time.perf_counter() - t0, **timing}
+    meta = {"turn_texts": texts, "answer": info.get("answer")}
+    if error:
+        meta["error"] = error
+    return Trajectory(np.asarray(b.token_ids), np.asarray(b.loss_mask), np.asarray(b.logprobs),
+                      np.asarray(b.versions), media=b.media, reward=float(reward), reward_terms=dict(terms),
+                      status=status, group_id=group_id, task_id=task.id, traj_id=traj_id, metrics=metrics,
+                      metadata=meta)
+
+
+class _EpisodeFailed(Exception):
+    """The env ended the episode as FAILED (corrupt video, ...)."""
+
+
+def _with_max_tokens(sampling: Any, n: int) -> Any:
+    import dataclasses
+
+    return dataclasses.replace(sampling, max_tokens=min(sampling.max_tokens, n))
+
+
+async def _tools(env: Any) -> list[dict]:
+    if hasattr(env, "actor"):
+        return await env.actor.tool_schemas.remote()
+    return env.tool_schemas() if hasattr(env, "tool_schemas") else env.tools
+
+
+async def _close(slot: EpisodeEnv) -> None:
+    try:
+        await slot.close()
+    except Exception:  # noqa: BLE001 - closing a dead actor's slot must not mask the episode's result
+        pass
+
+
+async def run_group(engine: Any, env: Any, task: Task, sampling: Any, group_size: int,
+                    budgets: Optional[Budgets] = None, group_id: str = "") -> list[Trajectory]:
+    """The G episodes of one GRPO group, concurrently. They share one prompt and one overview, so
+    vLLM's prefix cache (and encoder cache) pays their first-turn prefill once."""
+    group_id = group_id or uuid.uuid4().hex
+    renderer = ChatRenderer(engine.tokenizer, await _tools(env))
+    return list(await asyncio.gather(*[
+        run_episode(engine, env, task, sampling, budgets, renderer=renderer, group_id=group_id,
+                    traj_id=f"{group_id}-{i}") for i in range(group_size)]))

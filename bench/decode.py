@@ -1,0 +1,185 @@
+"""Decode benchmark: what the shared FrameDecoder buys over naive decord use.
+
+(1) A GRPO group: G=8 episodes of one task, each asking for the 8-frame overview (160x90)
+    and two 16-frame temporal zooms (320x180) -- the same frames, as the episodes of a group
+    do at the start. Shared FrameDecoder (cold: fresh decoder, probe included) vs naive
+    `decord.VideoReader(path, width, height).get_batch(indices)` with a reader per request.
+(2) Zoom latency: one 16-frame temporal zoom over a 10 s window with a cold cache and a fresh
+    reader vs the single-GOP floor: a fresh reader that seeks to the window's keyframe and
+    decodes up to the last needed frame (skip_frames, converting only the last frame).
+(3) Zoom then crop: a temporal zoom followed by a spatial crop of one of its frames, for each
+    resize strategy: decord-scaled readers vs native decode (cached) + OpenCV resize.
+
+Medians over --reps repetitions; the last line is JSON with the numbers.
+    python bench/decode.py [--data tasks.jsonl] [--task 0] [--reps 5]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Callable, Optional
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # run as a script from anywhere
+
+import decord  # noqa: E402
+
+from env.demo import load_jsonl, make_demo_data  # noqa: E402
+from env.video import FrameDecoder  # noqa: E402
+
+OVERVIEW, ZOOM, CROP = (160, 90), (320, 180), (224, 224)
+
+
+def medians(cands: dict[str, tuple[Callable[..., object], Optional[Callable[[], object]]]], reps: int) -> dict[str, float]:
+    """Median seconds of each candidate fn() (or fn(setup()), setup untimed). Candidates run
+    interleaved, in rotating order, so load from other processes hits them alike."""
+    times: dict[str, list[float]] = {k: [] for k in cands}
+    names = list(cands)
+    for r in range(reps):
+        for name in names[r % len(names):] + names[:r % len(names)]:
+            fn, setup = cands[name]
+            arg = setup() if setup else None
+            t0 = time.perf_counter()
+            fn(arg) if setup else fn()
+            times[name].append(time.perf_counter() - t0)
+    return {k: statistics.median(v) for k, v in times.items()}
+
+
+def known_decoder(path: str, resize: str) -> FrameDecoder:
+    """A fresh decoder (empty cache, no reader) that has already probed `path`."""
+    dec = FrameDecoder(resize=resize)
+    dec.info(path)
+    return dec
+
+
+def window(fps: float, n: int, start: float, seconds: float, k: int) -> list[int]:
+    """k frame indices spread over [start, start + seconds), as temporal_zoom samples them."""
+    return sorted({min(n - 1, int((start + (j + 0.5) * seconds / k) * fps)) for j in range(k)})
+
+
+def group_requests(info, evidence_start: float) -> list[tuple[list[int], tuple[int, int]]]:
+    """One episode's decode requests: overview, a zoom on the evidence, a zoom elsewhere."""
+    n, fps, dur = info.num_frames, info.fps, info.duration
+    overview = sorted({min(n - 1, int((i + 0.5) * dur / 8 * fps)) for i in range(8)})
+    z1_start = min(max(0.0, evidence_start - 3.0), dur - 10.0)
+    z2_start = (z1_start + dur / 2) % max(1.0, dur - 10.0)
+    return [(overview, OVERVIEW), (window(fps, n, z1_start, 10.0, 16), ZOOM), (window(fps, n, z2_start, 10.0, 16), ZOOM)]
+
+
+def bench_group(path: str, evidence_start: float, reps: int, g: int = 8) -> dict:
+    info = FrameDecoder().info(path)
+    reqs = group_requests(info, evidence_start)
+
+    def shared(resize: str) -> Callable[[], None]:
+        def run() -> None:
+            episodes(FrameDecoder(resize=resize))  # cold: new cache, new readers, and the probe is paid here
+        return run
+
+    def episodes(dec: FrameDecoder) -> None:
+        for _ in range(g):
+            for idx, size in reqs:
+                dec.frames(path, idx, size=size)
+
+    def naive() -> None:
+        for _ in range(g):
+            for idx, size in reqs:
+                decord.VideoReader(path, ctx=decord.cpu(0), num_threads=1, width=size[0],
+                                   height=size[1]).get_batch(idx).asnumpy()
+
+    m = medians({"native": (shared("native"), None), "decoder": (shared("decoder"), None), "naive": (naive, None),
+                 "native_probed": (episodes, lambda: known_decoder(path, "native"))}, reps)
+    return {"naive_s": m["naive"], **{k: {"shared_s": m[k], "speedup": m["naive"] / m[k]}
+                                      for k in ("native", "decoder", "native_probed")}}
+
+
+def bench_zoom(path: str, start_s: float, reps: int) -> dict:
+    info = FrameDecoder().info(path)
+    idx = window(info.fps, info.num_frames, start_s, 10.0, 16)
+    key = max(k for k in info.keyframes if k <= idx[0])
+    # Per GOP the window touches: its keyframe and the last needed frame in it. A decoder cannot
+    # do less than walk each of these spans once (a span crossing a keyframe restarts there).
+    spans = sorted({max(k for k in info.keyframes if k <= i): i for i in idx}.items())
+
+    def zoom(dec: FrameDecoder) -> None:
+        dec.frames(path, idx, size=ZOOM)
+
+    def floor_skip() -> None:
+        vr = decord.VideoReader(path, ctx=decord.cpu(0), num_threads=1, width=ZOOM[0], height=ZOOM[1])
+        for k, last in spans:
+            vr.seek(k)
+            vr.skip_frames(last - k)  # decoded, not converted to RGB
+            vr.next().asnumpy()
+
+    def floor_next() -> None:
+        vr = decord.VideoReader(path, ctx=decord.cpu(0), num_threads=1, width=ZOOM[0], height=ZOOM[1])
+        for k, last in spans:
+            vr.seek(k)
+            for _ in range(last - k + 1):
+                vr.next()
+
+    m = medians({"native": (zoom, lambda: known_decoder(path, "native")),
+                 "decoder": (zoom, lambda: known_decoder(path, "decoder")),
+                 "floor": (floor_skip, None), "floor_next": (floor_next, None)}, reps)
+    return {"frames": [idx[0], idx[-1]], "gop_spans": spans, "floor_s": m["floor"], "floor_next_s": m["floor_next"],
+            **{k: {"zoom_s": m[k], "ratio": m[k] / m["floor"]} for k in ("native", "decoder")}}
+
+
+def bench_zoom_crop(path: str, start_s: float, reps: int) -> dict:
+    info = FrameDecoder().info(path)
+    idx = window(info.fps, info.num_frames, start_s, 10.0, 16)
+
+    def run(dec: FrameDecoder) -> None:
+        dec.frames(path, idx, size=ZOOM)
+        dec.frames(path, [idx[7]], size=CROP, crop=(0.1, 0.1, 0.4, 0.5))
+
+    m = medians({k: (run, lambda k=k: known_decoder(path, k)) for k in ("native", "decoder")}, reps)
+    return {k: {"zoom_then_crop_s": v} for k, v in m.items()}
+
+
+def main(argv: list[str] | None = None) -> dict:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--data", help="tasks.jsonl (default: generate demo videos into a temp dir)")
+    ap.add_argument("--task", type=int, default=0, help="which task's video to use")
+    ap.add_argument("--reps", type=int, default=5, help="repetitions per measurement (median)")
+    args = ap.parse_args(argv)
+
+    with tempfile.TemporaryDirectory() as tmp:
+        t0 = time.perf_counter()
+        data = Path(args.data) if args.data else make_demo_data(tmp, videos=1, seconds=60, seed=0)
+        gen_s = time.perf_counter() - t0
+        task = load_jsonl(data)[args.task]
+        path = str((data.parent / task["video"]).resolve())
+        ev = float(task["evidence"][0][0]) if task.get("evidence") else 0.0
+        info = FrameDecoder().info(path)
+        print(f"video {path}: {info.num_frames} frames, {info.fps:g} fps, {info.width}x{info.height}, "
+              f"keyframes {list(info.keyframes)[:8]}{' (generated in %.1f s)' % gen_s if not args.data else ''}")
+        out: dict = {"video": {"frames": info.num_frames, "fps": info.fps, "size": [info.width, info.height],
+                               "gop": (info.keyframes[1] - info.keyframes[0]) if len(info.keyframes) > 1 else None}}
+        start = 30.0 if info.duration >= 45 else 0.0
+        out["group"] = grp = bench_group(path, ev, args.reps)
+        out["zoom_one_gop"] = bench_zoom(path, start, args.reps)
+        out["zoom_two_gops"] = bench_zoom(path, max(0.0, start - 10.0), args.reps)
+        out["zoom_then_crop"] = zc = bench_zoom_crop(path, start, args.reps)
+        print(f"(1) GRPO group of 8 (overview + 2 zooms each): naive {grp['naive_s'] * 1e3:.0f} ms; shared, cold "
+              f"(probe included): " + ", ".join(f"{k} {grp[k]['shared_s'] * 1e3:.0f} ms = {grp[k]['speedup']:.1f}x"
+                                                for k in ("native", "decoder")) + " (goal >= 4x); native, file "
+              f"probed before: {grp['native_probed']['shared_s'] * 1e3:.0f} ms = {grp['native_probed']['speedup']:.1f}x")
+        for name in ("zoom_one_gop", "zoom_two_gops"):
+            z = out[name]
+            print(f"(2) 16-frame zoom over 10 s, frames {z['frames'][0]}-{z['frames'][1]}, GOP spans {z['gop_spans']}: "
+                  f"floor {z['floor_s'] * 1e3:.0f} ms (next()-loop {z['floor_next_s'] * 1e3:.0f} ms); "
+                  + ", ".join(f"{k} {z[k]['zoom_s'] * 1e3:.0f} ms = {z[k]['ratio']:.2f}x" for k in ("native", "decoder"))
+                  + " (goal <= 1.2x)")
+        print("(3) zoom then a crop of one of its frames: "
+              + ", ".join(f"{k} {zc[k]['zoom_then_crop_s'] * 1e3:.0f} ms" for k in ("native", "decoder")))
+        print(json.dumps(out, sort_keys=True))
+        return out
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,92 @@
+"""The one codec: round trips of every record, raw numpy buffers, and malformed input as CodecError."""
+
+import msgpack
+import numpy as np
+import pytest
+
+from protos import CodecError, FrameRef, Group, Status, Trajectory, dumps, loads, read_trajectories, write_trajectories
+from protos.codec import to_map
+
+
+def make_traj(rng: np.random.Generator, T: int = 50, media: int = 2, pixels: bool = False) -> Trajectory:
+    mask = (rng.random(T) < 0.5).astype(np.uint8)
+    return Trajectory(
+        token_ids=rng.integers(0, 5000, T), loss_mask=mask,
+        behavior_logprobs=np.where(mask, -rng.random(T), 0).astype(np.float32),
+        policy_version=np.where(mask, rng.integers(0, 4, T), -1),
+        media=[FrameRef(f"/v/{i}.mp4", int(rng.integers(0, 900)), float(rng.random() * 60), (0.1, 0.2, 0.5, 0.9),
+                        (320, 180), "ab" * 16) for i in range(media)],
+        reward=float(rng.random()), reward_terms={"accuracy": 1.0, "format": -0.5}, status=Status.TRUNCATED,
+        group_id="g1", task_id="t1", traj_id=f"t1-{rng.integers(1e9)}", metrics={"turns": 3.0},
+        metadata={"error": "", "turn_texts": ["a", "b"]},
+        pixels=[rng.integers(0, 255, (4, 5, 3), dtype=np.uint8)] if pixels else None)
+
+
+def assert_same(a: Trajectory, b: Trajectory):
+    for name in ("token_ids", "loss_mask", "behavior_logprobs", "policy_version"):
+        x, y = getattr(a, name), getattr(b, name)
+        assert x.dtype == y.dtype and np.array_equal(x, y), name
+    assert a.media == b.media and a.reward == b.reward and a.reward_terms == b.reward_terms
+    assert a.status == b.status and a.metadata == b.metadata and a.metrics == b.metrics
+    assert (a.pixels is None) == (b.pixels is None)
+    if a.pixels is not None:
+        assert all(np.array_equal(p, q) for p, q in zip(a.pixels, b.pixels))
+
+
+@pytest.mark.parametrize("pixels", [False, True])
+def test_trajectory_round_trip(pixels):
+    rng = np.random.default_rng()
+    t = make_traj(rng, T=int(rng.integers(1, 300)), pixels=pixels)
+    assert_same(t, loads(dumps(t)))
+
+
+def test_group_round_trip_and_failed():
+    rng = np.random.default_rng()
+    g = Group("g", "t", [make_traj(rng), Trajectory.failed("VideoCorrupt: x", task_id="t", group_id="g")], {"k": 1})
+    back = loads(dumps(g))
+    assert isinstance(back, Group) and back.group_id == "g" and back.metadata == {"k": 1}
+    assert_same(g.trajectories[0], back.trajectories[0])
+    assert back.trajectories[1].status is Status.FAILED and back.trajectories[1].metadata["error"] == "VideoCorrupt: x"
+
+
+def test_arrays_are_raw_buffers_not_pickle():
+    t = make_traj(np.random.default_rng(0))
+    m = to_map(t)
+    assert m["token_ids"]["nd"] == "int32" and bytes(m["token_ids"]["data"]) == t.token_ids.tobytes()
+    assert b"pickle" not in dumps(t) and b"numpy" not in dumps(t)
+
+
+def test_file_round_trip(tmp_path):
+    rng = np.random.default_rng()
+    trajs = [make_traj(rng) for _ in range(5)]
+    assert write_trajectories(tmp_path / "x.msgpack", trajs) == 5
+    for a, b in zip(trajs, read_trajectories(tmp_path / "x.msgpack")):
+        assert_same(a, b)
+
+
+def _mutated_maps():
+    base = to_map(make_traj(np.random.default_rng(1)))
+    yield "not a map", [1, 2]
+    yield "no kind", {k: v for k, v in base.items() if k != "kind"}
+    yield "unknown kind", {**base, "kind": "os.system"}
+    yield "unknown field", {**base, "evil": 1}
+    yield "missing array", {k: v for k, v in base.items() if k != "loss_mask"}
+    yield "object dtype", {**base, "token_ids": {"nd": "object", "shape": [1], "data": b"x"}}
+    yield "short buffer", {**base, "token_ids": {"nd": "int32", "shape": [50], "data": b"abc"}}
+    yield "negative shape", {**base, "token_ids": {"nd": "int32", "shape": [-1], "data": b""}}
+    yield "bad status", {**base, "status": "WHATEVER"}
+    yield "bad media", {**base, "media": [{"video": "x"}]}
+    yield "group of junk", {"kind": "group", "trajectories": [1, 2]}
+
+
+@pytest.mark.parametrize("name,obj", list(_mutated_maps()), ids=[n for n, _ in _mutated_maps()])
+def test_malformed_is_codec_error(name, obj):
+    with pytest.raises(CodecError):
+        loads(msgpack.packb(obj, use_bin_type=True))
+
+
+def test_garbage_bytes_are_codec_error():
+    rng = np.random.default_rng()
+    for _ in range(200):
+        with pytest.raises(CodecError):
+            loads(rng.bytes(int(rng.integers(0, 64))))
