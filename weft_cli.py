@@ -29,6 +29,21 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     p.add_argument("overrides", nargs="*", help="key=value config overrides, e.g. env.overview_frames=4")
     p.set_defaults(func=_check_env)
 
+    p = sub.add_parser("make-tiny-model", help="Train a tokenizer and save a random tiny Qwen2.5-VL (HF format), offline.")
+    p.add_argument("--out", required=True, help="Output model directory.")
+    p.add_argument("--seed", type=int, default=0)
+    p.set_defaults(func=_make_tiny_model)
+
+    p = sub.add_parser("rollout", help="Run GRPO groups with a model through vLLM; write trajectories (msgpack).")
+    p.add_argument("--model", required=True, help="HF model directory (tiny or real).")
+    p.add_argument("--data", required=True, help="A tasks.jsonl file or a directory holding one.")
+    p.add_argument("--groups", type=int, default=2, help="Groups to run.")
+    p.add_argument("--group-size", type=int, default=None, help="G, episodes per group (default: rollout.group_size).")
+    p.add_argument("--out", required=True, help="Output file of trajectories (protos.read_trajectories reads it).")
+    p.add_argument("--config", default=None, help="YAML config file.")
+    p.add_argument("overrides", nargs="*", help="key=value config overrides, e.g. rollout.temperature=0.8")
+    p.set_defaults(func=_rollout)
+
     args = parser.parse_args(argv)
     return int(args.func(args) or 0)
 
@@ -38,6 +53,47 @@ def _make_demo_data(args: argparse.Namespace) -> int:
 
     path = make_demo_data(args.out, videos=args.videos, seconds=args.seconds, seed=args.seed)
     print(json.dumps({"tasks": str(path)}))
+    return 0
+
+
+def _make_tiny_model(args: argparse.Namespace) -> int:
+    from models.tiny import make_tiny_model
+
+    print(json.dumps({"model": str(make_tiny_model(args.out, seed=args.seed))}))
+    return 0
+
+
+def _rollout(args: argparse.Namespace) -> int:
+    import asyncio
+    import dataclasses
+
+    from actors.rollout_worker import FileSink, RolloutCore, summarize_groups
+    from configs import load_config
+    from env import load_tasks
+
+    cfg = load_config(args.config, args.overrides)
+    if args.group_size:
+        cfg.rollout = dataclasses.replace(cfg.rollout, group_size=args.group_size)
+    tasks = load_tasks(_tasks_path(args.data))
+    sink = FileSink(args.out)
+    groups = []
+
+    class _Keep:
+        async def put(self, group):
+            groups.append(group)
+            await sink.put(group)
+
+    async def go():
+        core = RolloutCore(args.model, tasks, cfg.rollout, cfg.env, cfg.reward)
+        try:
+            return await core.run(args.groups, _Keep())
+        finally:
+            await core.shutdown()
+
+    run = asyncio.run(go())
+    sink.close()
+    print(json.dumps({**summarize_groups(groups), "out": args.out, "seconds": round(run["seconds"], 2),
+                      "generated_tokens_per_s": round(run["generated_tokens_per_s"], 1)}, sort_keys=True))
     return 0
 
 

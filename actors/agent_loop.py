@@ -27,13 +27,9 @@ from typing import Any, Optional, Protocol
 
 import numpy as np
 
-from env.types import IMAGE_MARKER, Observation, Task
+from env.types import Observation, Task
+from models.chat import DEFAULT_SYSTEM_PROMPT, ChatRenderer, observation_content  # noqa: F401 - re-exported
 from protos.records import FrameRef, Status, Trajectory
-
-DEFAULT_SYSTEM_PROMPT = (
-    "You answer questions about a long video. You see a coarse overview first. Think inside <think></think>, "
-    "call tools to look closer (several calls in one turn run in parallel), and give the final answer inside "
-    "<answer></answer>.")
 
 
 @dataclass
@@ -106,60 +102,6 @@ class _ActorEpisode:
 def episode_env(env: Any, episode_id: str) -> EpisodeEnv:
     """One async episode view over any env kind."""
     return _ActorEpisode(env, episode_id) if hasattr(env, "actor") else _ThreadedEpisode(env, episode_id)
-
-
-# ------------------------------------------------------------------- rendering
-
-
-def observation_content(obs: Observation) -> list[dict]:
-    """The observation as chat content parts: text with an image part at each marker."""
-    parts: list[dict] = []
-    pieces = obs.text.split(IMAGE_MARKER)
-    if len(pieces) - 1 != len(obs.frames):
-        raise ValueError(f"observation has {len(pieces) - 1} image markers for {len(obs.frames)} frames")
-    for i, piece in enumerate(pieces):
-        if piece:
-            parts.append({"type": "text", "text": piece})
-        if i < len(obs.frames):
-            parts.append({"type": "image"})
-    return parts
-
-
-class ChatRenderer:
-    """Renders the first prompt and each observation suffix with the tokenizer's chat template."""
-
-    def __init__(self, tokenizer: Any, tools: list[dict], system_prompt: str = DEFAULT_SYSTEM_PROMPT,
-                 end_of_turn: str = "<|im_end|>"):
-        self.tok, self.tools, self.system_prompt = tokenizer, tools, system_prompt
-        self.end_of_turn = end_of_turn
-        self.eot_id = tokenizer.convert_tokens_to_ids(end_of_turn)
-
-    def _render(self, messages: list[dict], generation_prompt: bool) -> str:
-        return self.tok.apply_chat_template(messages, tools=self.tools, tokenize=False,
-                                            add_generation_prompt=generation_prompt)
-
-    def _encode(self, text: str) -> list[int]:
-        return list(self.tok.encode(text, add_special_tokens=False))
-
-    def prompt_ids(self, obs: Observation) -> list[int]:
-        messages = [{"role": "system", "content": self.system_prompt},
-                    {"role": "user", "content": observation_content(obs)}]
-        return self._encode(self._render(messages, True))
-
-    def observation_ids(self, obs: Observation, turn_closed: bool) -> list[int]:
-        """Tokens that follow an assistant turn: the tool response and the next generation prompt.
-
-        Found as the text the template renders after `<assistant turn><end_of_turn>`,
-        so whatever the template puts between turns is included. If the turn was cut
-        (no end-of-turn token generated), the end-of-turn token is added first.
-        """
-        marker = "\x00WEFT_TURN\x00"
-        messages = [{"role": "user", "content": "q"}, {"role": "assistant", "content": marker},
-                    {"role": "tool", "content": observation_content(obs)}]
-        text = self._render(messages, True)
-        cut = text.index(marker + self.end_of_turn) + len(marker) + len(self.end_of_turn)
-        ids = self._encode(text[cut:])
-        return ids if turn_closed else [self.eot_id] + ids
 
 
 # ----------------------------------------------------------------- the episode
@@ -290,11 +232,22 @@ async def _close(slot: EpisodeEnv) -> None:
 
 
 async def run_group(engine: Any, env: Any, task: Task, sampling: Any, group_size: int,
-                    budgets: Optional[Budgets] = None, group_id: str = "") -> list[Trajectory]:
+                    budgets: Optional[Budgets] = None, group_id: str = "",
+                    system_prompt: Optional[str] = None) -> list[Trajectory]:
     """The G episodes of one GRPO group, concurrently. They share one prompt and one overview, so
-    vLLM's prefix cache (and encoder cache) pays their first-turn prefill once."""
+    vLLM's prefix cache (and encoder cache) pays their first-turn prefill once. An episode that
+    raises is kept as a FAILED trajectory with the reason; the group always has G members."""
     group_id = group_id or uuid.uuid4().hex
-    renderer = ChatRenderer(engine.tokenizer, await _tools(env))
-    return list(await asyncio.gather(*[
-        run_episode(engine, env, task, sampling, budgets, renderer=renderer, group_id=group_id,
-                    traj_id=f"{group_id}-{i}") for i in range(group_size)]))
+    renderer = ChatRenderer(engine.tokenizer, await _tools(env), system_prompt or DEFAULT_SYSTEM_PROMPT)
+    ids = [f"{group_id}-{i}" for i in range(group_size)]
+    results = await asyncio.gather(*[
+        run_episode(engine, env, task, sampling, budgets, renderer=renderer, group_id=group_id, traj_id=tid)
+        for tid in ids], return_exceptions=True)
+    out = []
+    for tid, r in zip(ids, results):
+        if isinstance(r, BaseException):
+            if isinstance(r, asyncio.CancelledError):
+                raise r
+            r = Trajectory.failed(f"{type(r).__name__}: {r}", task_id=task.id, group_id=group_id, traj_id=tid)
+        out.append(r)
+    return out

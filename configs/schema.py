@@ -82,6 +82,87 @@ class DataConfig:
 
 
 @dataclass
+class LearnerConfig:
+    """The learner's gRPC service (learner/server.py) and the rollout side's client (actors/learner_client.py)."""
+
+    host: str = f("127.0.0.1", "Address the learner binds to. Loopback by default; set 0.0.0.0 (with a token) to take rollout workers from other hosts.")
+    port: int = f(0, "TCP port of the learner service; 0 picks a free one (read it back from LearnerServer.port).", min=0, max=65535)
+    token: Optional[str] = f(None, "Shared secret every call must carry (metadata 'authorization: Bearer <token>' or 'x-weft-token'); None disables the check. Prefer token_env: this field is saved with the run's config.")
+    token_env: Optional[str] = f(None, "Name of an environment variable holding the shared secret, used when token is None.")
+    max_message_bytes: int = f(64 * 2**20, "Largest gRPC message either side accepts or sends (one group, one weight chunk); larger ones fail with RESOURCE_EXHAUSTED.", min=2**20, max=2**31 - 1)
+    max_workers: int = f(32, "Server threads; each open SubmitGroups or WatchWeights stream holds one, so keep it above 2 x rollout workers.", min=2, max=1024)
+    group_size: int = f(8, "G: trajectories per group; a group of any other size is rejected. Must equal the rollout side's group size.", min=1, max=1024)
+    buffer_capacity: int = f(64, "Groups the learner buffers between rollout and training; when full, submitters are slowed, never dropped.", min=1)
+    max_staleness: int = f(4, "Largest allowed (learner version - version of a group's oldest generated token); older groups are dropped and counted, at submission and again when a batch is taken. 0 = synchronous.", min=0)
+    submit_block_s: float = f(10.0, "How long a submission waits for buffer space (the server stops reading the stream, so gRPC slows the sender) before it is acked RETRY_LATER.", min=0.0)
+    retry_after_s: float = f(1.0, "Back-off hint sent with RETRY_LATER; the client waits at least this long before resubmitting.", min=0.0)
+    dedup_window: int = f(1_000_000, "Group ids remembered for exactly-once submission (oldest forgotten first); part of the checkpointed buffer state.", min=1)
+    weight_bucket_bytes: int = f(2**20, "Bytes per weight chunk on WatchWeights: small tensors are packed together, large ones split. At most half of max_message_bytes. 1 MiB and 4 MiB stream a 0.5B bf16 model equally fast on loopback (bench/transport.py); smaller chunks hold less memory in flight.", min=1024)
+    vocab_size: Optional[int] = f(None, "If set, token ids must lie in [0, vocab_size); the trainer fills it from the model.", min=1)
+    image_token_id: Optional[int] = f(None, "If set, the number of runs of this token in a trajectory must equal its number of media refs.", min=0)
+    stop_grace_s: float = f(2.0, "Seconds in-flight calls get to finish when the server stops.", min=0.0)
+    backoff_initial_s: float = f(0.1, "Client: first reconnect delay; doubles per failed attempt, with full jitter.", min=0.001)
+    backoff_max_s: float = f(5.0, "Client: largest reconnect delay.", min=0.001)
+    retry_deadline_s: float = f(600.0, "Client: give up (LearnerUnavailable) after this long without reaching the learner; 0 = never give up.", min=0.0)
+
+
+@dataclass
+class RolloutConfig:
+    """Rollout workers: the vLLM engine, sampling, group size and the agent loop's token budgets."""
+
+    num_workers: int = f(1, "Rollout workers (Ray actors), each owning one engine. Scales apart from env.num_actors.", min=0)
+    group_size: int = f(8, "G: episodes per task (one GRPO group); must equal learner.group_size.", min=1, max=1024)
+    concurrent_groups: int = f(2, "Groups a worker runs at once (G episodes each) over its one engine.", min=1)
+    temperature: float = f(1.0, "Sampling temperature. The engine reports processed logprobs (after temperature and the placeholder ban); the learner divides logits by the same temperature.", min=0.0)
+    top_p: float = f(1.0, "Nucleus truncation. Keep 1.0: a truncated distribution cannot be reproduced by the learner, which biases the IS ratio.", min=0.0, max=1.0)
+    max_tokens_per_turn: int = f(256, "Generated tokens in one model turn.", min=1)
+    max_generated_tokens: int = f(1024, "Generated tokens in one episode; the episode is truncated after.", min=1)
+    max_context_tokens: int = f(8192, "Prompt + all turns + observations; must fit max_model_len.", min=16)
+    max_model_len: int = f(8192, "vLLM context length.", min=16)
+    dtype: str = f("float32", "Engine dtype: float32 on CPU (logprobs match the learner to 1e-6), bfloat16 on GPU.", choices=["float32", "bfloat16", "float16"])
+    kv_cache_gib: float = f(1.0, "CPU only: KV cache size in GiB (VLLM_CPU_KVCACHE_SPACE).", min=0.1)
+    gpu_memory_utilization: float = f(0.85, "GPU only: fraction of GPU memory vLLM may take.", min=0.05, max=1.0)
+    enable_prefix_caching: bool = f(True, "vLLM prefix caching: the G episodes of a group share one prompt and overview, so their first-turn prefill is paid once.")
+    system_prompt: Optional[str] = f(None, "System prompt; None uses models.chat.DEFAULT_SYSTEM_PROMPT.")
+    seed: int = f(0, "Seed of the task order and of the engine's sampler.")
+
+
+@dataclass
+class TrainerConfig:
+    """The learner's training loop (learner/trainer.py), checkpoints, and cold-start SFT (learner/sft.py)."""
+
+    lr: float = f(1e-6, "AdamW learning rate (constant after warmup).", min=0.0)
+    warmup_steps: int = f(0, "Steps of linear learning-rate warmup from 0.", min=0)
+    betas: list[float] = f(factory=lambda: [0.9, 0.999], help="AdamW (beta1, beta2).")
+    eps: float = f(1e-8, "AdamW epsilon.", min=0.0)
+    weight_decay: float = f(0.0, "AdamW decoupled weight decay.", min=0.0)
+    grad_clip: float = f(1.0, "Clip the global gradient norm to this; 0 disables clipping (the norm is still logged).", min=0.0)
+    groups_per_step: int = f(4, "GRPO groups taken from the buffer for one step (must be at most learner.buffer_capacity).", min=1)
+    updates_per_step: int = f(1, "Optimizer updates per step: the step's micro-batches are split into this many consecutive mini-batches, all anchored at the proximal policy of the step's start.", min=1)
+    micro_batch_tokens: int = f(16384, "Token budget of one micro-batch (padded rows x longest row); a longer trajectory gets a micro-batch of its own.", min=16)
+    chunk_size: int = f(1024, "Loss-mask tokens per logits chunk in the fused loss kernel: bounds the [chunk, vocab] fp32 buffers.", min=1)
+    adv_mode: str = f("grpo", "Group advantages: grpo ((r - mean) / std) | drgrpo (r - mean).", choices=["grpo", "drgrpo"])
+    temperature: float = f(1.0, "Sampling temperature of the rollouts: the learner divides its logits by it, as the engine's processed logprobs do. Must equal rollout.temperature.", min=1e-3)
+    dtype: str = f("auto", "Compute dtype: auto (bfloat16 autocast on CUDA, float32 on CPU) | float32 | bfloat16 (autocast; weights and optimizer stay float32).", choices=["auto", "float32", "bfloat16"])
+    device: str = f("auto", "auto (cuda when available) | cpu | cuda | cuda:N.")
+    publish_dtype: str = f("auto", "Dtype of published weights: auto (rollout.dtype) | float32 | bfloat16 | float16.", choices=["auto", "float32", "bfloat16", "float16"])
+    weight_transport: str = f("grpc", "How weights reach the rollout workers: grpc (LearnerServer.publish; any device) | nccl (torch.distributed broadcast; CUDA only, UNVERIFIED).", choices=["grpc", "nccl"])
+    batch_timeout_s: float = f(60.0, "How long one wait for a batch may take before the loop logs that it is starved and waits again.", min=0.1)
+    max_steps: int = f(0, "Stop after this many steps (counting resumed ones); 0 = run until stopped.", min=0)
+    checkpoint_every: int = f(50, "Save a checkpoint every this many steps; 0 = only at the end.", min=0)
+    keep_checkpoints: int = f(3, "Newest complete checkpoints kept; older ones are deleted after a save.", min=1)
+    resume: str = f("auto", "auto (continue from the newest complete checkpoint under run_dir, else start fresh) | never | a checkpoint directory.")
+    run_dir: str = f("runs/default", "Where checkpoints, metrics.jsonl and TensorBoard events go.")
+    tensorboard: bool = f(True, "Also write metrics as TensorBoard events under run_dir/tb.")
+    sft_lr: float = f(1e-4, "Cold-start SFT learning rate.", min=0.0)
+    sft_steps: int = f(100, "Cold-start SFT optimizer steps.", min=1)
+    sft_batch_size: int = f(4, "Trajectories per SFT step.", min=1)
+    sft_episodes: int = f(32, "Scripted-policy episodes rendered into the SFT data (cycling over the tasks).", min=1)
+    sft_zoom_frames: int = f(4, "Frames the oracle policy asks temporal_zoom for in SFT episodes (fewer = shorter trajectories).", min=1, max=256)
+    sft_eval_turns: int = f(16, "Held-out model turns on which `weft sft` measures the valid-action rate before and after; 0 skips it.", min=0)
+
+
+@dataclass
 class WeftConfig:
     """Everything a weft run needs. Later parts (rollout, learner) add sections here."""
 
@@ -89,4 +170,7 @@ class WeftConfig:
     env: EnvConfig = f(factory=EnvConfig, help="Video-tool environment.")
     reward: RewardConfig = f(factory=RewardConfig, help="Reward term weights.")
     loss: LossConfig = f(factory=LossConfig, help="Policy loss.")
+    learner: LearnerConfig = f(factory=LearnerConfig, help="Learner service and its client.")
+    rollout: RolloutConfig = f(factory=RolloutConfig, help="Rollout workers and sampling.")
+    trainer: TrainerConfig = f(factory=TrainerConfig, help="Training loop, checkpoints and cold-start SFT.")
     seed: int = f(0, "Global seed.")

