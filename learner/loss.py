@@ -12,7 +12,8 @@
     the same as full logits) and the backward only scales them by the incoming
     gradient. Without grad (eval), only the loss is computed.
 Runs on every device with torch matmuls; the Triton kernel is used by
-`learner.kernels.token_logprobs`, not here.
+`learner.kernels.token_logprobs`, not here. `banned` token ids (the engine's
+placeholder ban) are left out of the softmax, as in the engine's processed logprobs.
 """
 
 from __future__ import annotations
@@ -24,8 +25,8 @@ from torch import Tensor
 
 from configs.schema import LossConfig
 from learner import grpo
-from learner.kernels.chunked import (accumulate_grads_, acc_dtype, check_logprob_inputs, chunk_buffers, chunk_logits_,
-                                     logit_grad_, softmax_stats_)
+from learner.kernels.chunked import (accumulate_grads_, acc_dtype, check_banned, check_logprob_inputs, chunk_buffers,
+                                     chunk_logits_, logit_grad_, mask_banned_, softmax_stats_)
 
 ChunkLoss = Callable[[Tensor, int, int], Tensor]  # (logp of rows [s:e] with grad, s, e) -> scalar loss of those rows
 
@@ -35,7 +36,7 @@ class _FusedChunkLoss(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, hidden: Tensor, weight: Tensor, targets: Tensor, chunk_loss: ChunkLoss, chunk_size: int,
-                inv_temp: float, want: tuple[bool, bool]):  # type: ignore[override]
+                inv_temp: float, want: tuple[bool, bool], banned: Optional[Tensor] = None):  # type: ignore[override]
         n, acc = hidden.shape[0], acc_dtype(hidden.dtype)
         logp = torch.empty(n, dtype=acc, device=hidden.device)
         ent = torch.empty_like(logp)
@@ -47,7 +48,7 @@ class _FusedChunkLoss(torch.autograd.Function):
         for s in range(0, n, chunk_size):
             e = min(s + chunk_size, n)
             z, p = zbuf[: e - s], pbuf[: e - s]
-            chunk_logits_(z, hidden[s:e], weight, inv_temp)
+            mask_banned_(chunk_logits_(z, hidden[s:e], weight, inv_temp), banned)
             logp[s:e], _, ent[s:e] = softmax_stats_(z, targets[s:e], p)
             if not want_grad:
                 total += chunk_loss(logp[s:e], s, e)
@@ -74,16 +75,17 @@ class _FusedChunkLoss(torch.autograd.Function):
         # In place: a second [V, H] copy of the weight gradient would raise the peak.
         gh = None if dh is None else dh.mul_(g_total).to(dt_h)
         gw = None if dw is None else dw.mul_(g_total).to(dt_w)
-        return gh, gw, None, None, None, None, None
+        return gh, gw, None, None, None, None, None, None
 
 
 def fused_policy_loss(hidden: Tensor, lm_head_weight: Tensor, targets: Tensor, advantages: Tensor, prox_logp: Tensor,
                       behavior_logp: Tensor, mask: Tensor, cfg: LossConfig, *, chunk_size: int, temperature: float = 1.0,
-                      ref_logp: Optional[Tensor] = None) -> tuple[Tensor, dict[str, Tensor]]:
+                      ref_logp: Optional[Tensor] = None, banned: Optional[Tensor] = None) -> tuple[Tensor, dict[str, Tensor]]:
     """GRPO loss of hidden `[B, T, H]`, W `[V, H]`, targets `[B, T]` (the token at each position).
 
-    advantages `[B]`; prox_logp, behavior_logp, mask, ref_logp `[B, T]`. Returns the loss
-    (grad to hidden and W) and policy_loss's metrics plus the mean entropy of the policy.
+    advantages `[B]`; prox_logp, behavior_logp, mask, ref_logp `[B, T]`; banned: token ids
+    left out of the softmax. Returns the loss (grad to hidden and W) and policy_loss's
+    metrics plus the mean entropy of the policy.
     """
     if hidden.dim() != 3:
         raise ValueError(f"hidden must be [B, T, H], got {tuple(hidden.shape)}")
@@ -119,7 +121,8 @@ def fused_policy_loss(hidden: Tensor, lm_head_weight: Tensor, targets: Tensor, a
     grad_on = torch.is_grad_enabled()
     want = (grad_on and hidden.requires_grad, grad_on and lm_head_weight.requires_grad)
     loss, logp_s, ent_s = _FusedChunkLoss.apply(h_rows, lm_head_weight.contiguous(), tg.long().contiguous(), chunk_loss,
-                                                chunk_size, 1.0 / float(temperature), want)
+                                                chunk_size, 1.0 / float(temperature), want,
+                                                check_banned(banned, lm_head_weight))
     # Metrics from the same pieces policy_loss uses, on the (detached) logprobs.
     logp = zeros.reshape(-1).index_copy(0, rows, logp_s).view(b, t)
     ent = zeros.reshape(-1).index_copy(0, rows, ent_s).view(b, t)

@@ -10,6 +10,11 @@ Low-precision inputs (bf16/fp16): the logits matmul runs in the input dtype and 
 upcast, as the model's own forward does; softmax, gradients and the weight
 gradient's accumulation are fp32. float64 inputs stay float64 (for tests).
 The chunk helpers here are shared with learner/loss.py.
+
+`banned` token ids (vision placeholders the engine never samples) get a logit of
+BANNED_LOGIT before the softmax, so the distribution is the engine's processed one
+over the remaining vocabulary; a finite value rather than -inf keeps the entropy's
+p * logit products at 0 instead of NaN, and exp() of it is exactly 0 all the same.
 """
 
 from __future__ import annotations
@@ -18,6 +23,9 @@ from typing import Optional
 
 import torch
 from torch import Tensor
+
+
+BANNED_LOGIT = -1e30  # exp(BANNED_LOGIT - max) == 0 exactly in fp32 and fp64
 
 
 def acc_dtype(dtype: torch.dtype) -> torch.dtype:
@@ -54,6 +62,25 @@ def chunk_logits_(out: Tensor, h_c: Tensor, weight: Tensor, inv_temp: float) -> 
     if inv_temp != 1.0:
         out.mul_(inv_temp)
     return out
+
+
+def check_banned(banned: Optional[Tensor], weight: Tensor) -> Optional[Tensor]:
+    """None, or the banned ids as a 1-D int64 tensor on the weight's device; ValueError if out of range."""
+    if banned is None:
+        return None
+    banned = torch.as_tensor(banned, device=weight.device).reshape(-1)
+    if banned.dtype.is_floating_point or banned.dtype == torch.bool:
+        raise ValueError(f"banned must hold integer token ids, got {banned.dtype}")
+    if banned.numel() and (int(banned.min()) < 0 or int(banned.max()) >= weight.shape[0]):
+        raise ValueError(f"banned ids must be in [0, {weight.shape[0]})")
+    return banned.long() if banned.numel() else None
+
+
+def mask_banned_(z: Tensor, banned: Optional[Tensor]) -> Tensor:
+    """Give the banned columns of logits z `[c, V]` the logit BANNED_LOGIT, in place."""
+    if banned is not None:
+        z.index_fill_(1, banned, BANNED_LOGIT)
+    return z
 
 
 def softmax_stats_(z: Tensor, tgt: Tensor, p: Tensor) -> tuple[Tensor, Tensor, Tensor]:
@@ -111,7 +138,8 @@ class _ChunkedLogprobs(torch.autograd.Function):
     """(logp, entropy) `[N]` each; backward recomputes each chunk's logits."""
 
     @staticmethod
-    def forward(ctx, hidden: Tensor, weight: Tensor, targets: Tensor, chunk_size: int, inv_temp: float):  # type: ignore[override]
+    def forward(ctx, hidden: Tensor, weight: Tensor, targets: Tensor, chunk_size: int, inv_temp: float,
+                banned: Optional[Tensor] = None):  # type: ignore[override]
         n, acc = hidden.shape[0], acc_dtype(hidden.dtype)
         logp = torch.empty(n, dtype=acc, device=hidden.device)
         lse, ent = torch.empty_like(logp), torch.empty_like(logp)
@@ -119,10 +147,10 @@ class _ChunkedLogprobs(torch.autograd.Function):
         for s in range(0, n, chunk_size):
             e = min(s + chunk_size, n)
             z, p = zbuf[: e - s], pbuf[: e - s]
-            chunk_logits_(z, hidden[s:e], weight, inv_temp)
+            mask_banned_(chunk_logits_(z, hidden[s:e], weight, inv_temp), banned)
             logp[s:e], lse[s:e], ent[s:e] = softmax_stats_(z, targets[s:e], p)
         ctx.save_for_backward(hidden, weight, targets, lse, ent)
-        ctx.chunk_size, ctx.inv_temp = chunk_size, inv_temp
+        ctx.chunk_size, ctx.inv_temp, ctx.banned = chunk_size, inv_temp, banned
         ctx.set_materialize_grads(False)
         return logp, ent
 
@@ -132,7 +160,7 @@ class _ChunkedLogprobs(torch.autograd.Function):
         n, acc = hidden.shape[0], lse.dtype
         need_h, need_w = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
         if (g_logp is None and g_ent is None) or not (need_h or need_w):
-            return None, None, None, None, None
+            return None, None, None, None, None, None
         g_logp = torch.zeros_like(lse) if g_logp is None else g_logp.to(acc)
         g_ent = None if g_ent is None else g_ent.to(acc)
         dh = torch.empty(hidden.shape, dtype=acc, device=hidden.device) if need_h else None
@@ -141,24 +169,25 @@ class _ChunkedLogprobs(torch.autograd.Function):
         for s in range(0, n, ctx.chunk_size):
             e = min(s + ctx.chunk_size, n)
             z, p = zbuf[: e - s], pbuf[: e - s]
-            chunk_logits_(z, hidden[s:e], weight, ctx.inv_temp)
+            mask_banned_(chunk_logits_(z, hidden[s:e], weight, ctx.inv_temp), ctx.banned)
             z.sub_(lse[s:e, None])  # log p of every token
             torch.exp(z, out=p)
             if g_ent is not None:
                 z.add_(ent[s:e, None])  # log p + H
             G = logit_grad_(p, targets[s:e], g_logp[s:e], ctx.inv_temp, z, None if g_ent is None else g_ent[s:e])
             accumulate_grads_(G, hidden[s:e], weight, None if dh is None else dh[s:e], dw)
-        return (None if dh is None else dh.to(hidden.dtype), None if dw is None else dw.to(weight.dtype), None, None, None)
+        return (None if dh is None else dh.to(hidden.dtype), None if dw is None else dw.to(weight.dtype),
+                None, None, None, None)
 
 
 def chunked_token_logprobs(hidden: Tensor, lm_head_weight: Tensor, targets: Tensor, *, chunk_size: int,
-                           temperature: float = 1.0, return_entropy: bool = False):
+                           temperature: float = 1.0, return_entropy: bool = False, banned: Optional[Tensor] = None):
     """log softmax(hidden @ W^T / temperature)[targets] `[N]` (fp32; fp64 for fp64 inputs).
 
     With return_entropy, also the entropy `[N]` of each row's distribution; both outputs
-    carry gradients to hidden and lm_head_weight.
+    carry gradients to hidden and lm_head_weight. `banned` ids are left out of the softmax.
     """
     check_logprob_inputs(hidden, lm_head_weight, targets, chunk_size, temperature)
     logp, ent = _ChunkedLogprobs.apply(hidden.contiguous(), lm_head_weight.contiguous(), targets.long().contiguous(),
-                                       chunk_size, 1.0 / float(temperature))
+                                       chunk_size, 1.0 / float(temperature), check_banned(banned, lm_head_weight))
     return (logp, ent) if return_entropy else logp
