@@ -76,3 +76,21 @@ def small_demo_tasks(tmp_path_factory):
     from env import load_tasks
 
     return load_tasks(out / "tasks.jsonl")
+
+
+@pytest.fixture(scope="session")
+def tiny_model_dir(tmp_path_factory):
+    """The tiny random Qwen2.5-VL (tokenizer trained on the spot), made once per session."""
+    from models.tiny import make_tiny_model
+
+    return make_tiny_model(tmp_path_factory.mktemp("tiny") / "model", seed=0)
+
+
+@pytest.fixture(scope="session")
+def short_demo_dir(tmp_path_factory):
+    """Two short 320x180 demo videos for rollout tests (the engine, not decoding, is under test)."""
+    from env.demo import make_demo_data
+
+    out = tmp_path_factory.mktemp("short_demo")
+    make_demo_data(out, videos=2, seconds=20, seed=5, size=(320, 180))
+    return out

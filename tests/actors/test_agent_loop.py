@@ -37,20 +37,15 @@ def run(loop, coro, timeout=600):
 
 
 @pytest.fixture(scope="module")
-def tiny_dir(tmp_path_factory):
-    from models.tiny import make_tiny_model
-
-    return make_tiny_model(tmp_path_factory.mktemp("tiny") / "model", seed=0)
+def tiny_dir(tiny_model_dir):
+    return tiny_model_dir
 
 
 @pytest.fixture(scope="module")
-def tasks(tmp_path_factory):
+def tasks(short_demo_dir):
     from env import load_tasks
-    from env.demo import make_demo_data
 
-    out = tmp_path_factory.mktemp("agent_demo")
-    make_demo_data(out, videos=2, seconds=20, seed=5, size=(320, 180))
-    return load_tasks(out / "tasks.jsonl")
+    return load_tasks(short_demo_dir / "tasks.jsonl")
 
 
 @pytest.fixture(scope="module")

@@ -21,19 +21,13 @@ ROOT = Path(__file__).resolve().parents[2]
 
 
 @pytest.fixture(scope="module")
-def tiny_dir(tmp_path_factory):
-    from models.tiny import make_tiny_model
-
-    return make_tiny_model(tmp_path_factory.mktemp("tiny") / "model", seed=1)
+def tiny_dir(tiny_model_dir):
+    return tiny_model_dir
 
 
 @pytest.fixture(scope="module")
-def data_dir(tmp_path_factory):
-    from env.demo import make_demo_data
-
-    out = tmp_path_factory.mktemp("rollout_demo")
-    make_demo_data(out, videos=2, seconds=16, seed=9, size=(320, 180))
-    return out
+def data_dir(short_demo_dir):
+    return short_demo_dir
 
 
 def _valid(group, G, engine_vocab=None):
