@@ -149,11 +149,13 @@ class Engine:
     async def create(cls, model_dir: str | Path, *, dtype: str = "float32", max_model_len: int = 8192, seed: int = 0,
                      gpu_memory_utilization: float = 0.85, kv_cache_gib: float = 1.0,
                      enable_prefix_caching: bool = True, max_num_seqs: int = 64, max_images_per_prompt: int = 32,
-                     version: int = 0, engine_kwargs: Optional[dict[str, Any]] = None) -> "Engine":
+                     version: int = 0, engine_kwargs: Optional[dict[str, Any]] = None,
+                     stat_loggers: Optional[list[Any]] = None) -> "Engine":
         """Start vLLM on a standard HF model directory (tiny or real).
 
         kv_cache_gib sizes the KV cache on the CPU backend; gpu_memory_utilization on
-        a GPU. engine_kwargs override any AsyncEngineArgs field set here.
+        a GPU. engine_kwargs override any AsyncEngineArgs field set here. stat_loggers:
+        vLLM StatLoggerBase factories, called with the engine's stats each step (bench/rollout.py).
         """
         model_dir = Path(model_dir)
         if not (model_dir / "config.json").is_file():
@@ -178,7 +180,7 @@ class Engine:
         if on_cpu:
             fields["distributed_executor_backend"] = "uni"  # the model in the engine-core process: 2 processes, not 3
         args = AsyncEngineArgs(**{**fields, **(engine_kwargs or {})})
-        llm = AsyncLLM.from_engine_args(args)
+        llm = AsyncLLM.from_engine_args(args, stat_loggers=stat_loggers)
         processor = load_processor(model_dir)
         hf_config = llm.model_config.hf_config
         engine = cls(llm, processor, banned_token_ids(hf_config, len(processor.tokenizer)),

@@ -32,6 +32,9 @@ class EnvActor:
     def truncate(self, episode_id: str, reason: str = "budget"):
         return self.venv.truncate(episode_id, reason)
 
+    def prefetch(self, task: Task) -> None:
+        self.venv.prefetch(task)
+
     def reset_batch(self, items):
         return self.venv.reset_batch(items)
 
@@ -70,6 +73,9 @@ class EnvHandle:
 
     def truncate(self, episode_id: str, reason: str = "budget"):
         return ray.get(self.actor.truncate.remote(episode_id, reason))
+
+    def prefetch(self, task: Task) -> None:
+        self.actor.prefetch.remote(task)  # fire and forget: a hint, not a result
 
     def reset_batch(self, items):
         return ray.get(self.actor.reset_batch.remote(list(items)))

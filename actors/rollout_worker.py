@@ -75,10 +75,15 @@ class TaskSampler:
         self.tasks, self.seed, self.cursor = tasks, seed, cursor
 
     def next(self) -> Task:
-        epoch, i = divmod(self.cursor, len(self.tasks))
+        task = self.peek()
+        self.cursor += 1
+        return task
+
+    def peek(self, ahead: int = 0) -> Task:
+        """The task `ahead` draws after the next one, without drawing it."""
+        epoch, i = divmod(self.cursor + ahead, len(self.tasks))
         order = list(range(len(self.tasks)))
         random.Random(f"{self.seed}:{epoch}").shuffle(order)
-        self.cursor += 1
         return self.tasks[order[i]]
 
 
@@ -129,6 +134,7 @@ class RolloutCore:
 
         await self.start()
         task = task or self.sampler.next()
+        self._prefetch(self.sampler.peek())
         gid = group_id or f"{self.worker_id}-{self._groups_started}-{uuid.uuid4().hex[:8]}"
         self._groups_started += 1
         t0 = time.perf_counter()
@@ -139,6 +145,15 @@ class RolloutCore:
         self.counters["groups"] += 1
         return Group(group_id=gid, task_id=task.id, trajectories=trajs,
                      metadata={"worker": self.worker_id, "group_s": time.perf_counter() - t0})
+
+    def _prefetch(self, task: Task) -> None:
+        """Decode the next task's overview into the env's cache while this group generates:
+        otherwise the engine idles through every group's first decode (bench/rollout.py). A task
+        already cached costs only cache hits; concurrent decodes of one frame are deduplicated."""
+        prefetch = getattr(self.env, "prefetch", None)
+        if prefetch is not None:
+            fut = asyncio.ensure_future(asyncio.to_thread(prefetch, task))
+            fut.add_done_callback(lambda f: f.cancelled() or f.exception())  # errors surface at reset instead
 
     async def run(self, num_groups: int, sink: Sink) -> dict[str, Any]:
         """Run `num_groups` groups, `cfg.concurrent_groups` at a time, each put to the sink as it finishes."""

@@ -50,6 +50,13 @@ class VectorVideoEnv:
             self.close(episode_id)
         return result
 
+    def prefetch(self, task: Task) -> None:
+        """Decode a task's overview into the shared frame cache (an unkept reset); never raises."""
+        try:
+            VideoToolEnv(self.cfg, self.reward_cfg, decoder=self.decoder).reset(task)
+        except Exception:  # noqa: BLE001 - a prefetch is a hint; the real reset reports any error
+            pass
+
     def truncate(self, episode_id: str, reason: str = "budget") -> tuple[float, dict]:
         """End an episode from outside and score it as TRUNCATED."""
         with self._lock:

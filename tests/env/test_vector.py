@@ -27,3 +27,17 @@ def test_finished_episodes_are_closed_and_unknown_ids_do_not_raise(demo_tasks):
     assert venv.stats()["open_episodes"] == 0
     obs, r, term, trunc, info = venv.step("nope", "<answer>A</answer>")
     assert term and "no episode" in obs.text
+
+
+def test_prefetch_warms_the_overview_and_swallows_errors(demo_tasks, tmp_path):
+    from configs import EnvConfig
+
+    venv = VectorVideoEnv(EnvConfig(overview_size=[144, 81]), threads=2)  # a size no other test decodes
+    venv.prefetch(demo_tasks[4])
+    before = venv.decoder.stats()
+    obs, info = venv.reset("p", demo_tasks[4])
+    after = venv.decoder.stats()
+    assert len(obs.frames) > 0 and after["misses"] == before["misses"]  # every overview frame was cached
+    broken = type(demo_tasks[0])(**{**demo_tasks[0].__dict__, "id": "gone", "video": str(tmp_path / "gone.mp4")})
+    venv.prefetch(broken)  # a hint: no exception; the real reset reports the error
+    assert venv.reset("q", broken)[1]["status"] == "FAILED"
