@@ -44,6 +44,14 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     p.add_argument("overrides", nargs="*", help="key=value config overrides, e.g. rollout.temperature=0.8")
     p.set_defaults(func=_rollout)
 
+    p = sub.add_parser("learner", help="Run the learner on its own: gRPC service + trainer + weight publishing.")
+    add_learner_args(p)
+    p.set_defaults(func=_learner)
+
+    p = sub.add_parser("sft", help="Cold-start SFT on scripted-policy (oracle) trajectories: teaches the action format.")
+    add_sft_args(p)
+    p.set_defaults(func=_sft)
+
     args = parser.parse_args(argv)
     return int(args.func(args) or 0)
 
@@ -95,6 +103,41 @@ def _rollout(args: argparse.Namespace) -> int:
     print(json.dumps({**summarize_groups(groups), "out": args.out, "seconds": round(run["seconds"], 2),
                       "generated_tokens_per_s": round(run["generated_tokens_per_s"], 1)}, sort_keys=True))
     return 0
+
+
+def add_learner_args(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
+    """The arguments of `weft learner` (main_learner reads exactly these)."""
+    p.add_argument("--model", default=None, help="HF model directory to start from (unless a checkpoint is resumed).")
+    p.add_argument("--port", type=int, default=None, help="Port of the learner service (overrides learner.port).")
+    p.add_argument("--host", default=None, help="Address to bind (overrides learner.host).")
+    p.add_argument("--token", default=None, help="Shared secret of the service (prefer learner.token_env).")
+    p.add_argument("--run-dir", default=None, help="Checkpoints and metrics (overrides trainer.run_dir).")
+    p.add_argument("--config", default=None, help="YAML config file.")
+    p.add_argument("overrides", nargs="*", help="key=value config overrides, e.g. trainer.lr=1e-6")
+    return p
+
+def add_sft_args(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
+    """The arguments of `weft sft` (main_sft reads exactly these)."""
+    p.add_argument("--model", required=True, help="HF model directory to fine-tune.")
+    p.add_argument("--data", required=True, help="Tasks (a tasks.jsonl or a directory holding one: episodes are "
+                   "generated with --policy) or a msgpack file of trajectories (protos.write_trajectories, `weft rollout --out`).")
+    p.add_argument("--policy", choices=["oracle"], default="oracle", help="Scripted policy that plays the tasks.")
+    p.add_argument("--steps", type=int, default=None, help="Optimizer steps (overrides trainer.sft_steps).")
+    p.add_argument("--out", required=True, help="Output HF model directory (weights + processor).")
+    p.add_argument("--config", default=None, help="YAML config file.")
+    p.add_argument("overrides", nargs="*", help="key=value config overrides, e.g. trainer.sft_lr=1e-4")
+    return p
+
+def _learner(args: argparse.Namespace) -> int:
+    from learner.trainer import main_learner
+
+    return main_learner(args)
+
+
+def _sft(args: argparse.Namespace) -> int:
+    from learner.sft import main_sft
+
+    return main_sft(args)
 
 
 def _tasks_path(data: str):

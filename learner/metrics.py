@@ -1,0 +1,148 @@
+"""Per-step metrics of the learner: what each one means, and where they go (JSONL + TensorBoard).
+
+`METRIC_HELP` has one line per metric the trainer and SFT log (the loss's own come
+from `learner.grpo.METRIC_HELP`); `docs/metrics.md` is generated from it
+(`metrics_markdown`) and a test keeps the two equal and checks every logged key is
+documented. `MetricsLogger` appends one JSON object per step to
+`run_dir/metrics.jsonl` and writes scalars (and the staleness histogram) to
+TensorBoard under `run_dir/tb`. On resume it drops the lines of steps after the
+checkpoint, so the file never holds two different step 7s.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import time
+from pathlib import Path
+from typing import Any, Optional
+
+import numpy as np
+
+from learner import grpo
+
+# Keys with a "/" stand for a family: "reward/<term>" documents reward/accuracy, reward/format, ...
+TRAINER_HELP = {
+    "step": "optimizer steps taken so far (the line's x axis)",
+    "time": "unix time the line was written (JSONL only)",
+    "version": "weight version after this step (published to the rollout workers)",
+    "skipped": "1 when nothing was left to train on after filtering (no update, no new version), else 0",
+    "reward_mean": "mean reward of the batch's trajectories that ran (FAILED/ABORTED excluded)",
+    "reward_std": "std of those rewards",
+    "reward/<term>": "mean of one named reward term (accuracy, format, tool, evidence, cost) over the same trajectories",
+    "accuracy": "fraction of those trajectories whose accuracy term is positive (right answer)",
+    "adv_abs_mean": "mean |advantage| over the trajectories trained on",
+    "groups": "groups taken from the buffer for this step",
+    "groups_trained": "groups left after dropping zero-variance groups and bad trajectories",
+    "trajectories": "trajectories in the groups taken",
+    "trajectories_trained": "trajectories trained on",
+    "zero_variance_groups": "groups dropped because all their rewards agreed (no GRPO signal)",
+    "dropped/failed": "FAILED trajectories dropped (never trained on)",
+    "dropped/aborted": "ABORTED trajectories dropped (the episode was stopped from outside)",
+    "dropped/hash_mismatch": "trajectories dropped because a re-decoded image did not match its recorded content hash",
+    "dropped/decode_error": "trajectories dropped because an image could not be re-decoded",
+    "dropped/image_tokens": "trajectories dropped because their image-token runs did not fit their images",
+    "dropped/banned_token": "trajectories dropped because a generated token was a banned (placeholder) id",
+    "staleness_mean": "mean over the batch's groups of (version before the step - oldest token version)",
+    "staleness_max": "largest such lag in the batch",
+    "staleness_hist": "histogram lag -> groups of this batch (JSONL dict; a TensorBoard histogram)",
+    "buffer/size": "groups waiting in the learner's buffer after the batch was taken",
+    "buffer/rejected": "groups rejected by validation since the start (all reasons; see GetStatus for each)",
+    "buffer/stale": "groups dropped as too stale since the start (at submission and when taken)",
+    "buffer/duplicate": "resubmitted groups answered DUPLICATE since the start (exactly-once at work)",
+    "tokens_total": "tokens in the trained trajectories (prompt, turns, observations)",
+    "pad_frac": "fraction of the micro-batches' padded token slots that are padding",
+    "micro_batches": "micro-batches (forward/backward passes) in the step",
+    "updates": "optimizer updates in the step (trainer.updates_per_step, fewer if there were fewer micro-batches)",
+    "grad_norm": "global gradient norm before clipping (mean over the step's updates)",
+    "lr": "learning rate of the step's last update",
+    "tokens_per_s": "loss tokens trained per second of step time",
+    "time/step_s": "wall time of the whole step",
+    "time/prepare_s": "filtering, pixel re-materialisation and image processing",
+    "time/prox_s": "the no-grad pass for the proximal logprobs",
+    "time/train_s": "forward, backward and optimizer updates",
+    "time/publish_s": "cutting the new weights into chunks for the rollout workers",
+    "time/checkpoint_s": "saving a checkpoint (0 on steps without one)",
+    "sft/loss": "SFT: mean negative log-likelihood of the model-turn tokens",
+    "sft/token_acc": "SFT: fraction of model-turn tokens the model ranks first",
+    "sft/tokens": "SFT: model-turn (loss) tokens in the step",
+}
+METRIC_HELP = {**grpo.METRIC_HELP, **TRAINER_HELP}
+
+
+def help_for(key: str) -> Optional[str]:
+    """The help line of a logged key (families like reward/accuracy resolve to reward/<term>)."""
+    if key in METRIC_HELP:
+        return METRIC_HELP[key]
+    head = key.split("/", 1)[0]
+    return METRIC_HELP.get(f"{head}/<term>")
+
+
+def metrics_markdown() -> str:
+    """docs/metrics.md: every logged metric in one line."""
+    lines = ["# Learner metrics", "",
+             "Every key the learner logs per step to `run_dir/metrics.jsonl` and TensorBoard (`run_dir/tb`).",
+             "Generated from `learner/metrics.py` (`METRIC_HELP`); a test keeps this page equal to it.", "",
+             "| metric | meaning |", "| --- | --- |"]
+    lines += [f"| `{k}` | {v.replace('|', chr(92) + '|')} |" for k, v in METRIC_HELP.items()]
+    return "\n".join(lines) + "\n"
+
+
+def _jsonable(v: Any) -> Any:
+    if isinstance(v, dict):
+        return {str(k): _jsonable(x) for k, x in v.items()}
+    if hasattr(v, "item"):
+        v = v.item()
+    if isinstance(v, float) and not math.isfinite(v):
+        return str(v)  # JSON has no NaN/inf; keep it visible rather than crash the log
+    return v
+
+
+class MetricsLogger:
+    """Appends per-step metrics to run_dir/metrics.jsonl and, optionally, TensorBoard."""
+
+    def __init__(self, run_dir: str | Path, tensorboard: bool = True, resume_step: Optional[int] = None) -> None:
+        self.path = Path(run_dir) / "metrics.jsonl"
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        if resume_step is not None:
+            self.truncate_after(resume_step)
+        self._writer = None
+        if tensorboard:
+            from torch.utils.tensorboard import SummaryWriter
+
+            self._writer = SummaryWriter(str(Path(run_dir) / "tb"), purge_step=None if resume_step is None else resume_step + 1)
+
+    def truncate_after(self, step: int) -> None:
+        """Drop lines of steps after `step` (a run killed after its last checkpoint logged them)."""
+        if not self.path.is_file():
+            return
+        keep = []
+        for line in self.path.read_text(encoding="utf-8").splitlines():
+            try:
+                if int(json.loads(line).get("step", 0)) <= step:
+                    keep.append(line)
+            except (ValueError, AttributeError):
+                continue  # a line cut by the kill
+        self.path.write_text("".join(k + "\n" for k in keep), encoding="utf-8")
+
+    def log(self, step: int, metrics: dict[str, Any]) -> None:
+        row = {"step": int(step), "time": time.time(), **{k: _jsonable(v) for k, v in metrics.items()}}
+        with open(self.path, "a", encoding="utf-8") as fh:
+            fh.write(json.dumps(row) + "\n")
+        if self._writer is None:
+            return
+        for k, v in row.items():
+            if k in ("step", "time"):
+                continue
+            if isinstance(v, dict):
+                values = np.repeat([float(x) for x in v], [int(c) for c in v.values()]) if v else np.zeros(0)
+                if values.size:
+                    self._writer.add_histogram(k, values, step)
+            elif isinstance(v, (int, float)) and not isinstance(v, bool):
+                self._writer.add_scalar(k, float(v), step)
+        self._writer.flush()
+
+    def close(self) -> None:
+        if self._writer is not None:
+            self._writer.close()
+            self._writer = None

@@ -1,0 +1,391 @@
+"""Cold-start SFT: teach the action format from scripted-policy episodes (as VideoZoomer and VideoThinker do).
+
+Owns
+* `scripted_trajectory` / `scripted_trajectories`: run a scripted policy from
+  env/testing (OraclePolicy with `env.demo.demo_perception()` by default) in the
+  real env and render each episode through the chat template token-in/token-out
+  exactly as the agent loop does (`models.chat.ChatRenderer`, images expanded to
+  their token runs): the first prompt and each observation are rendered, the
+  policy's turns are tokenised as the engine would have emitted them (ending in
+  `<|im_end|>`, or at `</answer>` where the engine stops). The result is an
+  ordinary `Trajectory` (loss mask on the policy's turns), so SFT and RL share
+  one data path (learner/batch.py);
+* `sft_step` / `run_sft`: the supervised loss, -mean log p of the model-turn
+  tokens (the same chunked, banned-id-aware logprobs as the RL loss);
+* `valid_action_rate`: how often the model's own continuation of a held-out
+  turn parses as a clean action (`env.parser.parse_action` with no errors);
+* `main_sft`: the `weft sft` command.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import math
+import time
+import uuid
+from pathlib import Path
+from typing import Any, Callable, Optional, Sequence
+
+import numpy as np
+import torch
+
+from configs.schema import WeftConfig
+from learner.batch import MicroBatch, Sample, checked_images, collate, pack, process_images
+from learner.kernels.chunked import chunked_token_logprobs
+from learner.metrics import MetricsLogger
+from learner.trainer import (autocast, compute_dtype, hidden_states, lm_head_weight, pad_id_of, resolve_device,
+                             token_ids_of)
+from protos.records import Status, Trajectory
+
+log = logging.getLogger(__name__)
+
+
+# ------------------------------------------------------------------ scripted episodes -> trajectories
+
+
+def scripted_trajectory(env: Any, task: Any, policy: Any, renderer: Any, processor: Any, *, traj_id: str = "",
+                        group_id: str = "", version: int = 0, inline_pixels: bool = True) -> Trajectory:
+    """One episode of a scripted policy as the engine and agent loop would have recorded it.
+
+    behavior_logprobs are 0 (no engine sampled these tokens) and policy_version is
+    `version` on the policy's tokens. With inline_pixels the images ride along in
+    `pixels` (no re-decode at training time); without, only their FrameRefs do.
+    """
+    from models.hf import expand_image_placeholders
+
+    tok = processor.tokenizer
+    traj_id = traj_id or uuid.uuid4().hex
+    obs, info = env.reset(task)
+    if info.get("status") == "FAILED":
+        return Trajectory.failed(info.get("error", "reset failed"), task_id=task.id, group_id=group_id, traj_id=traj_id)
+    policy.begin(task, obs, info)
+    ids = expand_image_placeholders(renderer.prompt_ids(obs), [f.image for f in obs.frames], processor)
+    mask, frames, texts = [0] * len(ids), list(obs.frames), []
+    reward, terms, status = 0.0, {}, Status.TRUNCATED
+    while True:
+        action = policy.act(obs, info)
+        texts.append(action)
+        turn = list(tok.encode(action, add_special_tokens=False))
+        closed = not action.rstrip().endswith("</answer>")  # the engine stops at </answer>, else at <|im_end|>
+        if closed:
+            turn.append(renderer.eot_id)
+        ids += turn
+        mask += [1] * len(turn)
+        obs, reward, terminated, truncated, info = env.step(action)
+        terms = info.get("reward_terms", terms)
+        if info.get("status") == "FAILED":
+            return Trajectory.failed(info.get("error", "step failed"), task_id=task.id, group_id=group_id,
+                                     traj_id=traj_id)
+        if terminated or truncated:
+            status = Status.COMPLETED if terminated else Status.TRUNCATED
+            break
+        obs_ids = expand_image_placeholders(renderer.observation_ids(obs, closed), [f.image for f in obs.frames],
+                                            processor)
+        ids += obs_ids
+        mask += [0] * len(obs_ids)
+        frames += obs.frames
+    m = np.asarray(mask, dtype=np.uint8)
+    return Trajectory(np.asarray(ids), m, np.zeros(len(ids), np.float32), np.where(m == 1, version, -1),
+                      media=[f.ref for f in frames], reward=float(reward), reward_terms=dict(terms), status=status,
+                      group_id=group_id, task_id=task.id, traj_id=traj_id,
+                      metrics={"turns": float(len(texts))}, metadata={"turn_texts": texts},
+                      pixels=[f.image for f in frames] if inline_pixels else None)
+
+
+def scripted_trajectories(tasks: Sequence[Any], processor: Any, cfg: WeftConfig, episodes: int, *,
+                          make_policy: Optional[Callable[[int], Any]] = None, inline_pixels: bool = True,
+                          seed: int = 0) -> list[Trajectory]:
+    """`episodes` scripted episodes cycling over `tasks` (default policy: the oracle with demo perception)."""
+    from env.env import VideoToolEnv
+    from models.chat import ChatRenderer
+
+    if not tasks:
+        raise ValueError("scripted_trajectories needs at least one task")
+    if make_policy is None:
+        from env.demo import demo_perception
+        from env.testing import OraclePolicy
+
+        locate, read = demo_perception()
+
+        def make_policy(i: int) -> Any:
+            return OraclePolicy(locate, read, zoom_frames=cfg.trainer.sft_zoom_frames, seed=seed + i)
+
+    env = VideoToolEnv(cfg.env, cfg.reward)
+    renderer = ChatRenderer(processor.tokenizer, env.tools, **_system_prompt(cfg))
+    return [scripted_trajectory(env, tasks[i % len(tasks)], make_policy(i), renderer, processor,
+                                traj_id=f"sft-{seed}-{i}", group_id=f"sft-{seed}-{i}", inline_pixels=inline_pixels)
+            for i in range(episodes)]
+
+
+def _system_prompt(cfg: WeftConfig) -> dict[str, str]:
+    prompt = getattr(getattr(cfg, "rollout", None), "system_prompt", None)
+    return {"system_prompt": prompt} if prompt else {}
+
+
+def to_samples(trajs: Sequence[Trajectory], processor: Any, image_token_id: Optional[int],
+               decoder: Any = None) -> list[Sample]:
+    """Trajectories -> samples for SFT (advantage unused); FAILED/ABORTED and ones with bad media are skipped."""
+    from learner.batch import MediaError, decode_refs
+
+    usable = [t for t in trajs if t.status not in (Status.FAILED, Status.ABORTED) and t.loss_mask.any()]
+    need = [r for t in usable if t.pixels is None for r in t.media]
+    if need and decoder is None:
+        from env.video import get_decoder
+
+        decoder = get_decoder()
+    decoded = decode_refs(need, decoder) if need else {}
+    out = []
+    for t in usable:
+        try:
+            images = checked_images(t, decoded)
+            pv, grid = process_images(images, t.token_ids.astype(np.int64), processor, image_token_id)
+        except MediaError as e:
+            log.warning("SFT skips %s: %s", t.traj_id, e)
+            continue
+        out.append(Sample(t.token_ids.astype(np.int64), t.loss_mask.astype(bool), t.behavior_logprobs, 0.0,
+                          t.traj_id, pv, grid, images))
+    return out
+
+
+# ------------------------------------------------------------------ the loss
+
+
+class SftModel:
+    """The model, processor and optimizer of an SFT run (a small subset of what Trainer holds)."""
+
+    def __init__(self, cfg: WeftConfig, model_dir: str | Path) -> None:
+        from models.hf import banned_token_ids, load_hf_model, load_processor
+
+        self.cfg, self.tc = cfg, cfg.trainer
+        self.device = resolve_device(self.tc.device)
+        self.dtype = compute_dtype(self.tc.dtype, self.device)
+        self.model = load_hf_model(model_dir, "float32", str(self.device)).train()
+        self.processor = load_processor(model_dir)
+        self.tokenizer = self.processor.tokenizer
+        self.image_token_id, self.video_token_id = token_ids_of(self.model)
+        self.banned = torch.tensor(banned_token_ids(self.model.config, len(self.tokenizer)), dtype=torch.long,
+                                   device=self.device)
+        self.pad_id = pad_id_of(self.tokenizer, (self.image_token_id, self.video_token_id))
+        self.optimizer = torch.optim.AdamW(self.model.parameters(), lr=self.tc.sft_lr, betas=tuple(self.tc.betas),
+                                           eps=self.tc.eps, weight_decay=self.tc.weight_decay)
+
+    def micro_batches(self, samples: Sequence[Sample]) -> list[MicroBatch]:
+        return [collate([samples[i] for i in idx], pad_id=self.pad_id, image_token_id=self.image_token_id,
+                        video_token_id=self.video_token_id, device=self.device)
+                for idx in pack([s.num_tokens for s in samples], self.tc.micro_batch_tokens)]
+
+    def step(self, samples: Sequence[Sample]) -> dict[str, float]:
+        """One optimizer step of -mean log p over the samples' model-turn tokens."""
+        t0 = time.perf_counter()
+        mbs = self.micro_batches(samples)
+        total = float(sum(int(mb.mask.sum()) for mb in mbs))
+        if total == 0:
+            raise ValueError("SFT batch has no model-turn tokens")
+        self.optimizer.zero_grad(set_to_none=True)
+        nll, correct = 0.0, 0
+        for mb in mbs:
+            with autocast(self.device, self.dtype):
+                hidden = hidden_states(self.model, mb.inputs)[:, :-1]
+            h = hidden[mb.mask]
+            w = lm_head_weight(self.model)
+            w = w if w.dtype == h.dtype else w.to(h.dtype)
+            tgt = mb.targets[mb.mask]
+            logp = chunked_token_logprobs(h, w, tgt, chunk_size=self.tc.chunk_size, banned=self.banned)
+            loss = -logp.sum() / total
+            loss.backward()
+            nll += float(loss.detach())
+            correct += _argmax_hits(h.detach(), w.detach(), tgt, self.banned, self.tc.chunk_size)
+        norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(),
+                                              self.tc.grad_clip if self.tc.grad_clip > 0 else math.inf)
+        self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        return {"sft/loss": nll, "sft/token_acc": correct / total, "sft/tokens": int(total),
+                "grad_norm": float(norm), "lr": self.tc.sft_lr, "time/step_s": time.perf_counter() - t0}
+
+
+@torch.no_grad()
+def _argmax_hits(h: torch.Tensor, w: torch.Tensor, tgt: torch.Tensor, banned: torch.Tensor, chunk: int) -> int:
+    """How many rows rank their target first (banned ids excluded), a chunk of rows at a time."""
+    hits = 0
+    for s in range(0, h.shape[0], chunk):
+        z = (h[s:s + chunk] @ w.t()).float()
+        if banned.numel():
+            z.index_fill_(1, banned, -math.inf)
+        hits += int((z.argmax(-1) == tgt[s:s + chunk]).sum())
+    return hits
+
+
+def run_sft(sm: SftModel, samples: Sequence[Sample], steps: int, *, seed: int = 0,
+            logger: Optional[MetricsLogger] = None) -> list[dict[str, float]]:
+    """`steps` SFT steps over shuffled epochs of `samples`, trainer.sft_batch_size per step."""
+    if not samples:
+        raise ValueError("no SFT samples")
+    rng = np.random.default_rng(seed)
+    order: list[int] = []
+    history = []
+    for step in range(1, steps + 1):
+        batch = []
+        while len(batch) < min(sm.tc.sft_batch_size, len(samples)):
+            if not order:
+                order = rng.permutation(len(samples)).tolist()
+            batch.append(samples[order.pop()])
+        m = sm.step(batch)
+        history.append(m)
+        if logger is not None:
+            logger.log(step, m)
+    return history
+
+
+# ------------------------------------------------------------------ does the model speak the format?
+
+
+def model_turns(traj: Trajectory) -> list[tuple[int, int]]:
+    """(start, end) of each contiguous loss-mask span: the policy's turns."""
+    m = np.concatenate([[0], traj.loss_mask.astype(np.int8), [0]])
+    edges = np.flatnonzero(np.diff(m))
+    return [(int(s), int(e)) for s, e in zip(edges[::2], edges[1::2])]
+
+
+@torch.no_grad()
+def continue_turn(model: Any, processor: Any, prefix: Sequence[int], images: Sequence[np.ndarray], *,
+                  banned: Sequence[int], max_new_tokens: int = 64, do_sample: bool = False,
+                  temperature: float = 1.0, stop_ids: Sequence[int] = (),
+                  generator: Optional[torch.Generator] = None) -> list[int]:
+    """The model's own next turn after `prefix`, sampled as the engine samples: banned ids
+    masked, temperature only (or greedy). A plain KV-cache loop: HF generate was ~4x slower here."""
+    from models.hf import hf_inputs
+
+    device = next(model.parameters()).device
+    inputs = {k: v.to(device) for k, v in hf_inputs(model, processor, list(prefix), list(images)).items()}
+    base = getattr(model, model.base_model_prefix)
+    if hasattr(base, "rope_deltas"):
+        base.rope_deltas = None  # M-RoPE offsets of an earlier prompt must not leak into this one
+    out = model(**inputs, use_cache=True)
+    new: list[int] = []
+    ban = torch.tensor(list(banned), dtype=torch.long, device=device)
+    for _ in range(max_new_tokens):
+        z = out.logits[0, -1].float()
+        if ban.numel():
+            z.index_fill_(0, ban, -math.inf)
+        if do_sample:
+            tok = int(torch.multinomial(torch.softmax(z / temperature, -1), 1, generator=generator))
+        else:
+            tok = int(z.argmax())
+        new.append(tok)
+        if tok in stop_ids:
+            break
+        out = model(input_ids=torch.tensor([[tok]], device=device), past_key_values=out.past_key_values,
+                    use_cache=True)
+    return new
+
+
+def valid_action_rate(model: Any, processor: Any, trajs: Sequence[Trajectory], *, banned: Sequence[int],
+                      max_turns: int = 16, max_new_tokens: int = 64, do_sample: bool = False,
+                      temperature: float = 1.0, seed: int = 0) -> dict[str, Any]:
+    """Fraction of held-out model turns whose continuation by `model` parses as a clean action.
+
+    For each model turn of each trajectory (up to max_turns), the model continues the
+    recorded prefix (with its images); the text up to `<|im_end|>` is parsed with
+    `env.parser.parse_action`: valid means no errors and a tool call or an answer.
+    """
+    from env.parser import parse_action
+
+    tok = processor.tokenizer
+    stops = [i for i in (tok.convert_tokens_to_ids("<|im_end|>"), tok.convert_tokens_to_ids("</answer>"))
+             if isinstance(i, int) and i >= 0]
+    image_id = getattr(model.config, "image_token_id", None)
+    gen = torch.Generator(device=next(model.parameters()).device).manual_seed(seed)
+    n, ok, examples = 0, 0, []
+    was_training = model.training
+    model.eval()
+    try:
+        for t in trajs:
+            images = _images_of(t)
+            for start, _ in model_turns(t):
+                if n >= max_turns:
+                    break
+                prefix = t.token_ids[:start].tolist()
+                runs = 0 if image_id is None else int(np.sum(np.diff(np.r_[0, (t.token_ids[:start] == image_id)
+                                                                         .astype(np.int8)]) == 1))
+                new = continue_turn(model, processor, prefix, images[:runs], banned=banned,
+                                    max_new_tokens=max_new_tokens, do_sample=do_sample, temperature=temperature,
+                                    stop_ids=stops, generator=gen)
+                text = tok.decode(new, skip_special_tokens=False).split("<|im_end|>")[0]
+                parsed = parse_action(text)
+                good = not parsed.errors and (bool(parsed.calls) or parsed.answer is not None)
+                n, ok = n + 1, ok + int(good)
+                if len(examples) < 4:
+                    examples.append({"text": text[:200], "valid": good})
+    finally:
+        model.train(was_training)
+    return {"rate": ok / n if n else 0.0, "turns": n, "valid": ok, "examples": examples}
+
+
+def _images_of(t: Trajectory) -> list[np.ndarray]:
+    """Inline pixels, or the re-decoded (hash-checked) images of the trajectory's FrameRefs."""
+    if t.pixels is not None or not t.media:
+        return list(t.pixels or [])
+    from env.video import get_decoder
+    from learner.batch import decode_refs
+
+    return checked_images(t, decode_refs(t.media, get_decoder()))
+
+
+# ------------------------------------------------------------------ `weft sft`
+
+
+def load_sft_data(data: str | Path, processor: Any, cfg: WeftConfig) -> tuple[list[Trajectory], list[Trajectory]]:
+    """(train, held-out) trajectories: scripted episodes of a task file, or a trajectory file split 7:1."""
+    path = Path(data)
+    task_file = path / "tasks.jsonl" if path.is_dir() else path
+    if task_file.suffix == ".jsonl":
+        from env.tasks import load_tasks
+
+        tasks = load_tasks(task_file)
+        n_eval = max(1, len(tasks) // 8) if cfg.trainer.sft_eval_turns and len(tasks) > 1 else 0
+        train_tasks, eval_tasks = tasks[n_eval:], tasks[:n_eval]
+        train = scripted_trajectories(train_tasks, processor, cfg, cfg.trainer.sft_episodes, seed=cfg.seed)
+        held = scripted_trajectories(eval_tasks, processor, cfg, len(eval_tasks), seed=cfg.seed + 10**6) if eval_tasks else []
+        return train, held
+    from protos.codec import read_trajectories
+
+    trajs = read_trajectories(path)
+    n_eval = len(trajs) // 8 if cfg.trainer.sft_eval_turns else 0
+    return trajs[n_eval:], trajs[:n_eval]
+
+
+def main_sft(args: argparse.Namespace) -> int:
+    """`weft sft`: supervised cold start on scripted (or recorded) trajectories; prints a JSON summary last."""
+    from configs import load_config
+
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
+    cfg = load_config(args.config, args.overrides)
+    steps = args.steps if args.steps is not None else cfg.trainer.sft_steps
+    if steps < 1:
+        raise SystemExit("--steps must be >= 1")
+    torch.manual_seed(cfg.seed)
+    sm = SftModel(cfg, args.model)
+    train, held = load_sft_data(args.data, sm.processor, cfg)
+    samples = to_samples(train, sm.processor, sm.image_token_id)
+    held = [t for t in held if t.status not in (Status.FAILED, Status.ABORTED)]
+    banned = sm.banned.tolist()
+    before = valid_action_rate(sm.model, sm.processor, held, banned=banned, max_turns=cfg.trainer.sft_eval_turns) \
+        if held and cfg.trainer.sft_eval_turns else None
+    out = Path(args.out)
+    logger = MetricsLogger(out / "sft_logs", tensorboard=cfg.trainer.tensorboard)
+    t0 = time.perf_counter()
+    history = run_sft(sm, samples, steps, seed=cfg.seed, logger=logger)
+    logger.close()
+    after = valid_action_rate(sm.model, sm.processor, held, banned=banned, max_turns=cfg.trainer.sft_eval_turns) \
+        if before is not None else None
+    sm.model.save_pretrained(out)
+    sm.processor.save_pretrained(out)
+    summary = {"out": str(out), "steps": steps, "samples": len(samples), "seconds": round(time.perf_counter() - t0, 1),
+               "loss_first": history[0]["sft/loss"], "loss_last": history[-1]["sft/loss"],
+               "token_acc_last": history[-1]["sft/token_acc"],
+               "valid_action_rate_before": None if before is None else before["rate"],
+               "valid_action_rate_after": None if after is None else after["rate"]}
+    print(json.dumps(summary))
+    return 0
