@@ -66,6 +66,40 @@ class FileSink:
         self.fh.close()
 
 
+class GrpcSink:
+    """Submits each finished group to the learner over gRPC (LearnerClient: reconnects, backs off,
+    resubmits safely thanks to the learner's exactly-once). Counts acks by kind."""
+
+    def __init__(self, client: Any):
+        self.client, self.acks = client, Counter()
+
+    async def put(self, group: Group) -> None:
+        from protos import learner_pb2 as pb
+
+        (ack,) = await asyncio.to_thread(self.client.submit, [group])
+        self.acks[pb.AckKind.Name(ack.kind)] += 1
+
+
+async def follow_weights(engine: Any, client: Any, from_version: int = -1) -> int:
+    """Apply every weight version the learner publishes to the engine (pause(keep) -> load -> resume),
+    until the client is closed. Returns the last version loaded.
+
+    The blocking gRPC stream is read on a thread; each version is loaded on the engine's loop
+    before the next is read, so the client may reuse its receive buffers (no per-version
+    allocation of a whole state dict), and a slow engine makes the learner skip versions for
+    this worker instead of queueing them."""
+    loop = asyncio.get_running_loop()
+
+    def pump() -> int:
+        last = from_version
+        for version, tensors in client.watch_weights(from_version, reuse_buffers=True):
+            asyncio.run_coroutine_threadsafe(engine.load_weights(tensors, version), loop).result()
+            last = version
+        return last
+
+    return await asyncio.to_thread(pump)
+
+
 class TaskSampler:
     """An endless seeded shuffle of the tasks; `cursor` counts tasks drawn (checkpointable)."""
 
