@@ -99,32 +99,11 @@ def _collapse_image_runs(token_ids: list[int], images: Sequence[np.ndarray], pad
 
 
 def _weight_buckets(named_tensors: Iterable[tuple[str, Any]], bucket_bytes: int) -> Iterable[dict[str, Any]]:
-    """Group tensors into dicts of about `bucket_bytes`, never splitting a layer.
+    """CPU-contiguous tensors in dicts of about `bucket_bytes`, never splitting a layer (models.hf.layer_buckets)."""
+    from models.hf import layer_buckets
 
-    vLLM's in-place reload processes a layer once all its parts arrived; a layer
-    split over two loads would be finalised half-loaded. Layers are keyed by the
-    name up to its first numeric part ("model.language_model.layers.3").
-    """
-    def layer_key(name: str) -> str:
-        parts = name.split(".")
-        for i, p in enumerate(parts):
-            if p.isdigit():
-                return ".".join(parts[: i + 1])
-        return ".".join(parts[:-1])
-
-    bucket: dict[str, Any] = {}
-    size, key = 0, None
-    for name, tensor in named_tensors:
-        k = layer_key(name)
-        if bucket and k != key and size >= bucket_bytes:
-            yield bucket
-            bucket, size = {}, 0
-        t = tensor.detach().to("cpu").contiguous()
-        bucket[name] = t
-        size += t.numel() * t.element_size()
-        key = k
-    if bucket:
-        yield bucket
+    for bucket in layer_buckets(named_tensors, bucket_bytes):
+        yield {name: t.detach().to("cpu").contiguous() for name, t in bucket}
 
 
 class Engine:

@@ -21,6 +21,8 @@ from typing import Any, Iterable, Iterator, Optional
 import torch
 from torch import Tensor
 
+from models.hf import layer_buckets, layer_key  # noqa: F401 - re-exported: the publishers' bucketing
+
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
@@ -33,38 +35,11 @@ def named_weights(model: Any, dtype: Optional[torch.dtype] = None) -> list[tuple
     return out
 
 
-def layer_key(name: str) -> str:
-    """The layer a tensor belongs to: its name up to the first numeric part ("model.language_model.layers.3")."""
-    parts = name.split(".")
-    for i, p in enumerate(parts):
-        if p.isdigit():
-            return ".".join(parts[: i + 1])
-    return ".".join(parts[:-1])
-
-
-def layer_buckets(named: Iterable[tuple[str, Tensor]], bucket_bytes: int) -> Iterator[list[tuple[str, Tensor]]]:
-    """Consecutive tensors in buckets of at least `bucket_bytes` (the last may be smaller), cut only between layers."""
-    if bucket_bytes < 1:
-        raise ValueError(f"bucket_bytes must be >= 1, got {bucket_bytes}")
-    bucket: list[tuple[str, Tensor]] = []
-    size, key = 0, None
-    for name, t in named:
-        k = layer_key(name)
-        if bucket and k != key and size >= bucket_bytes:
-            yield bucket
-            bucket, size = [], 0
-        bucket.append((name, t))
-        size += t.numel() * t.element_size()
-        key = k
-    if bucket:
-        yield bucket
+def _flat_bytes(bucket: list[tuple[str, Tensor]], device: Any) -> Tensor:
+    return torch.cat([t.detach().contiguous().reshape(-1).view(torch.uint8).to(device) for _, t in bucket])
 
 
 # ------------------------------------------------------------ torch.distributed (NCCL on GPUs: UNVERIFIED)
-
-
-def _flat_bytes(bucket: list[tuple[str, Tensor]], device: Any) -> Tensor:
-    return torch.cat([t.detach().contiguous().reshape(-1).view(torch.uint8).to(device) for _, t in bucket])
 
 
 class DistributedWeightSender:

@@ -14,7 +14,7 @@ trainer against.
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any, Optional, Sequence
+from typing import Any, Iterable, Iterator, Optional, Sequence
 
 import numpy as np
 
@@ -158,3 +158,35 @@ def hf_token_logprobs(model: Any, processor: Any, token_ids: list[int], images: 
         logits[:, banned] = float("-inf")
     logp = torch.log_softmax(logits / temperature, dim=-1)
     return logp.gather(1, inputs["input_ids"][0, start:, None])[:, 0].numpy().astype("float32")
+
+
+# Weight buckets for in-place reloads: vLLM finalises a layer once all its parts arrived,
+# so a layer split over two loads would be finalised half-loaded. Shared by the learner's
+# publishers and the engine's loader.
+
+
+def layer_key(name: str) -> str:
+    """The layer a tensor belongs to: its name up to the first numeric part ("model.language_model.layers.3")."""
+    parts = name.split(".")
+    for i, p in enumerate(parts):
+        if p.isdigit():
+            return ".".join(parts[: i + 1])
+    return ".".join(parts[:-1])
+
+
+def layer_buckets(named: Iterable[tuple[str, Any]], bucket_bytes: int) -> Iterator[list[tuple[str, Any]]]:
+    """Consecutive tensors in buckets of at least `bucket_bytes` (the last may be smaller), cut only between layers."""
+    if bucket_bytes < 1:
+        raise ValueError(f"bucket_bytes must be >= 1, got {bucket_bytes}")
+    bucket: list[tuple[str, Any]] = []
+    size, key = 0, None
+    for name, t in named:
+        k = layer_key(name)
+        if bucket and k != key and size >= bucket_bytes:
+            yield bucket
+            bucket, size = [], 0
+        bucket.append((name, t))
+        size += t.numel() * t.element_size()
+        key = k
+    if bucket:
+        yield bucket

@@ -23,10 +23,8 @@ def small_overrides():
 
 
 @pytest.fixture(scope="session")
-def tiny_dir(tmp_path_factory):
-    from models.tiny import make_tiny_model
-
-    return make_tiny_model(tmp_path_factory.mktemp("tiny") / "model", seed=0)
+def tiny_dir(tiny_model_dir):
+    return tiny_model_dir
 
 
 @pytest.fixture(scope="session")
