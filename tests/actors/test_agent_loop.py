@@ -187,3 +187,59 @@ def test_weight_push_mid_rollout(loop, engine, hf_model, tasks, tiny_dir):
             assert d.mean() < 1e-3, d.mean()
     print(f"\n{new_tokens} tokens after the push carry version {v0 + 1} and match the new weights")
     assert new_tokens > 0
+
+
+@pytest.fixture(scope="module")
+def sft_dir(tiny_model_dir, short_demo_dir, tmp_path_factory):
+    """The tiny model after a short cold-start SFT on oracle episodes (`weft sft`): it writes real
+    tool calls, so observations with frames go through the agent loop (a random model never does)."""
+    import argparse
+
+    from learner.sft import main_sft
+    from weft_cli import add_sft_args
+
+    out = tmp_path_factory.mktemp("sft") / "model"
+    args = add_sft_args(argparse.ArgumentParser()).parse_args([
+        "--model", str(tiny_model_dir), "--data", str(short_demo_dir), "--steps", "80", "--out", str(out),
+        "trainer.sft_lr=1e-3", "trainer.sft_batch_size=1", "trainer.sft_episodes=8", "trainer.sft_eval_turns=0",
+        "trainer.sft_zoom_frames=2", "trainer.tensorboard=false", "trainer.dtype=float32",
+        "env.overview_frames=2", "env.overview_size=[112,64]", "env.zoom_size=[112,64]", "env.crop_size=[56,56]"])
+    assert main_sft(args) == 0
+    return out
+
+
+def test_tool_observations_with_frames_token_in_token_out(loop, sft_dir, short_demo_dir):
+    """Episodes of a model that calls tools: observation frames are spliced in as image runs, every
+    run has its FrameRef, and the engine's logprobs still equal transformers' over the whole context."""
+    from actors.agent_loop import Budgets, run_group
+    from actors.engine import Engine, SamplingConfig
+    from configs import EnvConfig
+    from env import VectorVideoEnv, load_tasks
+    from models.hf import load_hf_model
+
+    tasks = load_tasks(short_demo_dir / "tasks.jsonl")
+    env_cfg = EnvConfig(max_turns=4, overview_frames=2, overview_size=[112, 64], zoom_size=[112, 64],
+                        crop_size=[56, 56])
+    sampling = SamplingConfig(temperature=0.3, max_tokens=96)  # near-greedy: the tiny SFT model is rough at T=1
+    engine = run(loop, Engine.create(sft_dir, dtype="float32", max_model_len=4096, seed=0))
+    try:
+        trajs = []
+        for task in tasks:
+            trajs += run(loop, run_group(engine, VectorVideoEnv(env_cfg), task, sampling, 4,
+                                         Budgets(max_tokens_per_turn=96, max_generated_tokens=400)))
+    finally:
+        run(loop, engine.shutdown())
+    with_obs_frames = [t for t in trajs if len(t.media) > 2]  # more images than the 2-frame overview
+    calls = sum(t.metrics["tool_calls"] for t in trajs)
+    print(f"\n{len(trajs)} episodes of the SFT model: {calls:.0f} successful tool calls, "
+          f"{len(with_obs_frames)} with frames from tool observations")
+    assert with_obs_frames, [t.metadata["turn_texts"][:1] for t in trajs[:3]]
+    model = load_hf_model(sft_dir, "float32")
+    diffs = []
+    for t in with_obs_frames[:4]:
+        check_invariants(t, engine)
+        d, kl = compare_with_hf(t, engine, model, sampling.temperature)
+        diffs.append(d)
+    d = np.concatenate(diffs)
+    print(f"engine vs transformers with observation frames: mean |dlogp| {d.mean():.2e}, max {d.max():.2e}")
+    assert d.mean() < 1e-3
