@@ -23,6 +23,7 @@ import time
 from typing import Any, Optional
 
 import grpc
+import numpy as np
 
 from protos import learner_pb2 as pb
 from protos.codec import dumps, loads
@@ -48,10 +49,12 @@ def make_ack(group_id: str, kind: int, version: int, reason: str = "", detail: s
 
 def oldest_version(group: Group) -> int:
     """Version of the group's oldest generated token (what staleness is measured from)."""
-    versions = [int(t.policy_version[t.loss_mask == 1].min()) for t in group.trajectories if t.loss_mask.any()]
-    if not versions:
+    # One pass over the group's tokens laid end to end rather than one per trajectory (same minimum).
+    trajs = group.trajectories
+    on = np.concatenate([t.loss_mask for t in trajs]) == 1 if trajs else np.zeros(0, bool)
+    if not on.any():
         raise ValueError(f"group {group.group_id} has no generated token")
-    return min(versions)
+    return int(np.concatenate([t.policy_version for t in trajs])[on].min())
 
 
 def fingerprint(group: Group) -> str:

@@ -143,13 +143,15 @@ def validate_group(group: Group, limits: Limits) -> Optional[str]:
     err = _check_tokens(trajs, limits)
     if err:
         return err
+    # count_nonzero is the cheapest "any" numpy has (no ufunc reduction machinery).
+    generated = [np.count_nonzero(t.loss_mask) > 0 for t in trajs]
     for i, t in enumerate(trajs):
-        if t.status is not Status.FAILED and not t.loss_mask.any():
+        if t.status is not Status.FAILED and not generated[i]:
             return _at(f"no_generated_tokens: status {t.status.value} but the loss mask is empty", i, t)
         err = _check_media(t, limits) or _check_reward(t)
         if err:
             return _at(err, i, t)
-    if not any(t.loss_mask.any() for t in trajs):
+    if not any(generated):
         return "no_generated_tokens: no trajectory in the group has a generated token"
     return None
 
@@ -161,6 +163,9 @@ def _at(err: str, i: int, t: Trajectory) -> str:
 
 
 def _check_shapes(t: Trajectory) -> Optional[str]:
+    n = t.token_ids.shape[0] if t.token_ids.ndim == 1 else -1
+    if n >= 0 and all(a.ndim == 1 and a.shape[0] == n for a in (t.loss_mask, t.behavior_logprobs, t.policy_version)):
+        return None  # the common case, decided without building the error's dicts
     arrays = {name: getattr(t, name) for name in WIRE_DTYPES}
     for name, a in arrays.items():
         if a.ndim != 1:
@@ -194,6 +199,9 @@ def _check_tokens(trajs: list[Trajectory], limits: Limits) -> Optional[str]:
         return _at(f"{err} at token {pos - (int(ends[i - 1]) if i else 0)}", i, trajs[i])
 
     mask, lp, ver, ids = cat("loss_mask"), cat("behavior_logprobs"), cat("policy_version"), cat("token_ids")
+    if _tokens_ok(mask, lp, ver, ids, limits):
+        return None
+    # Something is wrong: the checks below, one at a time in a fixed order, find the first error.
     if (pos := _first(mask > 1)) is not None:
         return where(pos, f"loss_mask_values: value {int(mask[pos])}")
     on = mask == 1
@@ -215,6 +223,28 @@ def _check_tokens(trajs: list[Trajectory], limits: Limits) -> Optional[str]:
         pos = _first((ids < 0) | (ids >= limits.vocab_size))
         return where(pos, f"token_range: id {int(ids[pos])} outside [0, {limits.vocab_size})")
     return None
+
+
+def _tokens_ok(mask: np.ndarray, lp: np.ndarray, ver: np.ndarray, ids: np.ndarray, limits: Limits) -> bool:
+    """True iff none of `_check_tokens`'s per-token checks fails, in fewer, cheaper passes.
+
+    Whole-array reductions (max, min) replace most masked comparisons: with the mask
+    in {0, 1}, "finite, <= 0 on the mask, 0 off it" holds iff -inf < min, max <= 0 (a
+    NaN fails both) and no non-zero logprob sits off the mask; "-1 off the mask, >= 0 on
+    it" holds iff min >= -1 and (version >= 0) is exactly the mask.
+    """
+    if mask.size == 0:
+        return True
+    if int(mask.max()) > 1:
+        return False
+    on = mask.view(np.bool_)  # a view, valid because every value is 0 or 1
+    if not (lp.max() <= 0.0 and lp.min() > -np.inf):
+        return False
+    if ((lp != 0) > on).any():  # True > False: a non-zero logprob off the mask
+        return False
+    if int(ver.min()) < -1 or int(ver.max()) > limits.current_version or ((ver >= 0) != on).any():
+        return False
+    return limits.vocab_size is None or (int(ids.min()) >= 0 and int(ids.max()) < limits.vocab_size)
 
 
 def _check_reward(t: Trajectory) -> Optional[str]:

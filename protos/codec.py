@@ -9,6 +9,8 @@ malformed, which the gRPC server turns into INVALID_ARGUMENT.
 from __future__ import annotations
 
 import dataclasses
+import math
+import threading
 from pathlib import Path
 from typing import Any, Iterable, Iterator, Union
 
@@ -21,6 +23,12 @@ from protos.records import FrameRef, Group, Status, Trajectory
 _DTYPES = {"int8", "uint8", "int16", "uint16", "int32", "uint32", "int64", "uint64",
            "float16", "float32", "float64", "bool"}
 _ARRAY_FIELDS = ("token_ids", "loss_mask", "behavior_logprobs", "policy_version")
+# Looked up per array rather than rebuilt: np.dtype(name) and dtype.name cost microseconds each,
+# which at a few dozen arrays a group is a noticeable share of the codec's time.
+_DTYPE_OF = {n: np.dtype(n) for n in _DTYPES}
+_NAME_OF = {np.dtype(n): n for n in _DTYPES}  # native byte order only; anything else takes the slow path
+_TRAJ_FIELDS = tuple(fld.name for fld in dataclasses.fields(Trajectory))
+_TRAJ_KEYS = frozenset(_TRAJ_FIELDS) | {"kind"}
 
 Record = Union[Trajectory, Group, FrameRef]
 
@@ -31,24 +39,29 @@ class CodecError(ValueError):
 
 def encode_array(a: np.ndarray) -> dict:
     a = np.ascontiguousarray(a)
-    if a.dtype.name not in _DTYPES:
+    name = _NAME_OF.get(a.dtype) or a.dtype.name
+    if name not in _DTYPES:
         raise CodecError(f"dtype {a.dtype} cannot be encoded")
     # memoryview avoids a copy through tobytes() (2.5x faster packing for large arrays).
-    return {"nd": a.dtype.name, "shape": list(a.shape), "data": memoryview(a).cast("B")}
+    return {"nd": name, "shape": list(a.shape), "data": memoryview(a).cast("B")}
 
 
 def decode_array(d: Any) -> np.ndarray:
     if not isinstance(d, dict) or set(d) != {"nd", "shape", "data"}:
         raise CodecError("array must be a map with keys nd, shape, data")
-    if d["nd"] not in _DTYPES:
+    dtype = _DTYPE_OF.get(d["nd"]) if isinstance(d["nd"], str) else None
+    if dtype is None:
         raise CodecError(f"dtype {d['nd']!r} is not allowed")
     shape = d["shape"]
     if not isinstance(shape, list) or not all(isinstance(s, int) and s >= 0 for s in shape):
         raise CodecError(f"bad array shape {shape!r}")
-    dtype = np.dtype(d["nd"])
-    if not isinstance(d["data"], (bytes, bytearray)) or len(d["data"]) != dtype.itemsize * int(np.prod(shape)):
+    data = d["data"]
+    # math.prod, not np.prod: same product for these small int lists, without numpy's per-call overhead.
+    if not isinstance(data, (bytes, bytearray)) or len(data) != dtype.itemsize * math.prod(shape):
         raise CodecError(f"array data length does not match shape {shape} and dtype {dtype}")
-    return np.frombuffer(d["data"], dtype=dtype).reshape(shape)
+    # Zero-copy view of the bytes msgpack made; a 1-D array needs no reshape.
+    a = np.frombuffer(data, dtype=dtype)
+    return a if len(shape) == 1 else a.reshape(shape)
 
 
 def _frame_ref_to_map(r: FrameRef) -> dict:
@@ -59,7 +72,7 @@ def _frame_ref_to_map(r: FrameRef) -> dict:
 def _frame_ref_from_map(d: Any) -> FrameRef:
     try:
         return FrameRef(video=str(d["video"]), frame_index=int(d["frame_index"]), time=float(d["time"]),
-                        crop=tuple(float(x) for x in d["crop"]), size=tuple(int(x) for x in d["size"]),
+                        crop=tuple(map(float, d["crop"])), size=tuple(map(int, d["size"])),
                         content_hash=str(d["content_hash"]))
     except (KeyError, TypeError, ValueError) as e:
         raise CodecError(f"bad FrameRef: {e}") from None
@@ -67,27 +80,26 @@ def _frame_ref_from_map(d: Any) -> FrameRef:
 
 def _traj_to_map(t: Trajectory) -> dict:
     out = {"kind": "trajectory"}
-    for fld in dataclasses.fields(t):
-        v = getattr(t, fld.name)
-        if fld.name in _ARRAY_FIELDS:
-            out[fld.name] = encode_array(v)
-        elif fld.name == "media":
-            out[fld.name] = [_frame_ref_to_map(r) for r in v]
-        elif fld.name == "status":
-            out[fld.name] = v.value
-        elif fld.name == "pixels":
-            out[fld.name] = None if v is None else [encode_array(p) for p in v]
+    for name in _TRAJ_FIELDS:
+        v = getattr(t, name)
+        if name in _ARRAY_FIELDS:
+            out[name] = encode_array(v)
+        elif name == "media":
+            out[name] = [_frame_ref_to_map(r) for r in v]
+        elif name == "status":
+            out[name] = v.value
+        elif name == "pixels":
+            out[name] = None if v is None else [encode_array(p) for p in v]
         else:
-            out[fld.name] = v
+            out[name] = v
     return out
 
 
 def _traj_from_map(d: dict) -> Trajectory:
-    names = {fld.name for fld in dataclasses.fields(Trajectory)}
-    unknown = set(d) - names - {"kind"}
+    unknown = d.keys() - _TRAJ_KEYS
     if unknown:
         raise CodecError(f"unknown trajectory fields {sorted(unknown)}")
-    missing = set(_ARRAY_FIELDS) - set(d)
+    missing = set(_ARRAY_FIELDS) - d.keys()
     if missing:
         raise CodecError(f"trajectory misses {sorted(missing)}")
     kw = {k: v for k, v in d.items() if k != "kind"}
@@ -136,9 +148,20 @@ def from_map(d: Any) -> Record:
     raise CodecError(f"unknown record kind {kind!r}")
 
 
+_local = threading.local()  # one Packer per thread: a Packer is not thread-safe
+_KEEP_PACKER_BYTES = 8 * 2**20
+
+
 def dumps(rec: Record) -> bytes:
     """Encode one record to bytes."""
-    return msgpack.packb(to_map(rec), use_bin_type=True)
+    # A reused Packer keeps its grown (and already touched) buffer; packb makes a fresh one per
+    # call, and at a few hundred kB the fresh memory's page faults cost more than the packing.
+    packer = getattr(_local, "packer", None) or msgpack.Packer(use_bin_type=True)
+    _local.packer = None  # a failed pack may leave the packer mid-message: start clean next time
+    out = packer.pack(to_map(rec))
+    if len(out) <= _KEEP_PACKER_BYTES:  # do not pin a huge buffer (inline pixels) to the thread
+        _local.packer = packer
+    return out
 
 
 def loads(data: bytes) -> Record:

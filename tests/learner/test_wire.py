@@ -12,7 +12,7 @@ import torch
 from actors.learner_client import _assemble
 from configs.schema import LearnerConfig
 from learner.server import LearnerServer, _service_handler, build_snapshot
-from learner.validate import REASONS, Limits, reason_of, validate
+from learner.validate import REASONS, Limits, reason_of, validate, validate_group
 from protos import learner_pb2 as pb
 from protos import learner_pb2_grpc  # noqa: F401 - importable as protos.learner_pb2_grpc
 from protos.codec import dumps, loads
@@ -75,6 +75,37 @@ def test_each_malformed_kind_gets_its_reason():
         assert c.reason in REASONS
         if c.reason in PER_TOKEN_REASONS:  # the message names the bad trajectory wherever it sits
             assert c.traj_id in err, (c.name, err)
+
+
+def _token_rules_broken(g, limits) -> bool:
+    """Oracle for the per-token rules, written plainly (one token at a time) to check the vectorised checks."""
+    for t in g.trajectories:
+        for m, lp, ver, tok in zip(t.loss_mask, t.behavior_logprobs, t.policy_version, t.token_ids):
+            if m > 1 or not np.isfinite(lp) or (m == 1 and (lp > 0 or ver < 0)) or (m == 0 and (lp != 0 or ver != -1)):
+                return True
+            if ver > limits.current_version or not 0 <= tok < limits.vocab_size:
+                return True
+    return False
+
+
+def test_per_token_checks_match_a_token_by_token_oracle():
+    rng = np.random.default_rng()
+    edge = {"loss_mask": [0, 1, 2, 255], "behavior_logprobs": [np.nan, np.inf, -np.inf, 0.5, -0.5, 0.0, -1e-45, 1e-45],
+            "policy_version": [-2, -1, 0, 3, 4, 2**31 - 1], "token_ids": [-1, 0, 999, 1000]}
+    for _ in range(600):
+        g = loads(dumps(random_group(rng, group_size=3, versions=(0, 3), num_tokens=int(rng.integers(8, 40)))))
+        for _ in range(int(rng.integers(0, 4))):  # a few tokens set to edge values, anywhere in the group
+            t = g.trajectories[int(rng.integers(3))]
+            name = str(rng.choice(list(edge)))
+            arr = getattr(t, name).copy()
+            arr[int(rng.integers(arr.size))] = rng.choice(edge[name])
+            setattr(t, name, arr)
+        limits = Limits(3, 3, 1000)
+        err = validate_group(g, limits)
+        if _token_rules_broken(g, limits):
+            assert err is not None and reason_of(err) in PER_TOKEN_REASONS, err
+        else:  # zeroing a mask token may leave a trajectory without generated tokens
+            assert err is None or reason_of(err) == "no_generated_tokens", err
 
 
 def test_validation_never_raises_on_random_bytes():

@@ -49,6 +49,20 @@ def test_group_round_trip_and_failed():
     assert back.trajectories[1].status is Status.FAILED and back.trajectories[1].metadata["error"] == "VideoCorrupt: x"
 
 
+def test_dumps_is_packb_and_thread_safe():
+    """dumps reuses a Packer per thread: same bytes as a fresh packb, also with threads packing at once,
+    and a failed pack (an unencodable value) leaves no half-written message behind."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    rng = np.random.default_rng()
+    groups = [Group(f"g{i}", "t", [make_traj(rng, T=int(rng.integers(1, 3000))) for _ in range(3)]) for i in range(24)]
+    with pytest.raises(TypeError):
+        dumps(Group("bad", "t", [make_traj(rng)], {"x": object()}))
+    with ThreadPoolExecutor(4) as pool:
+        got = list(pool.map(dumps, groups * 3))
+    assert got == [msgpack.packb(to_map(g), use_bin_type=True) for g in groups * 3]
+
+
 def test_arrays_are_raw_buffers_not_pickle():
     t = make_traj(np.random.default_rng(0))
     m = to_map(t)
