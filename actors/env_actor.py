@@ -9,6 +9,7 @@ has the same methods as a VectorVideoEnv.
 
 from __future__ import annotations
 
+import uuid
 from typing import Any, Optional
 
 import ray
@@ -100,12 +101,9 @@ class RemoteEpisodeEnv:
     through Ray, which is how the EnvActor is held to the same contract.
     """
 
-    _count = 0
-
     def __init__(self, handle: EnvHandle, cfg: Optional[EnvConfig] = None):
-        RemoteEpisodeEnv._count += 1
         self.handle, self.cfg = handle, cfg or EnvConfig()
-        self.episode_id = f"remote-{id(self)}-{RemoteEpisodeEnv._count}"
+        self.episode_id = f"remote-{uuid.uuid4().hex}"
         self.tools = handle.tool_schemas()
 
     def reset(self, task: Task, *, seed: Optional[int] = None):

@@ -232,12 +232,6 @@ class RolloutCore:
             self.engine = None
 
 
-def failed_group(task_id: str, group_id: str, size: int, reason: str) -> Group:
-    """A group whose episodes could not run at all (e.g. the worker died): kept, with the reason."""
-    return Group(group_id, task_id, [Trajectory.failed(reason, task_id=task_id, group_id=group_id,
-                                                       traj_id=f"{group_id}-{i}") for i in range(size)])
-
-
 def remote_worker_class(num_cpus: float = 1.0, num_gpus: float = 0.0) -> Any:
     """RolloutCore as a Ray actor class (async actor)."""
     import ray

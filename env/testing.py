@@ -312,11 +312,11 @@ def _fingerprint(obs: Observation) -> tuple:
 
 
 def _check_determinism(make_env, tasks, seed, problems, _n) -> int:
-    actions = RandomPolicy(make_env().tools, seed=seed, answer_prob=0.0)
+    tools = make_env().tools
     for task in tasks[:3]:
         runs = []
         for _ in range(2):
-            env, pol = make_env(), RandomPolicy(actions.tools, seed=seed, answer_prob=0.0)
+            env, pol = make_env(), RandomPolicy(tools, seed=seed, answer_prob=0.0)
             obs, info = env.reset(task, seed=seed)
             trace = [_fingerprint(obs)]
             if info["status"] != "FAILED":

@@ -82,3 +82,26 @@ def make_groups(processor, demo_tasks):
         return groups
 
     return make
+
+
+@pytest.fixture(scope="session")
+def largest_tensor():
+    """A dispatch mode that records the most elements of any tensor an op returns (forward and
+    backward): how the kernel tests prove no [N, V] logits tensor is ever built."""
+    import torch
+    from torch.utils._python_dispatch import TorchDispatchMode
+    from torch.utils._pytree import tree_flatten
+
+    class LargestTensor(TorchDispatchMode):
+        def __init__(self):
+            super().__init__()
+            self.largest = 0
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            out = func(*args, **(kwargs or {}))
+            for t in tree_flatten(out)[0]:
+                if isinstance(t, torch.Tensor):
+                    self.largest = max(self.largest, t.numel())
+            return out
+
+    return LargestTensor

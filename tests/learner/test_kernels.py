@@ -16,8 +16,6 @@ from pathlib import Path
 
 import pytest
 import torch
-from torch.utils._python_dispatch import TorchDispatchMode
-from torch.utils._pytree import tree_flatten
 
 from learner.kernels import chunked_token_logprobs, token_logprobs
 
@@ -112,28 +110,13 @@ def test_entropy_alone_gets_gradients(gen):
     assert rel(dh, dh_ref) < 1e-12
 
 
-class LargestTensor(TorchDispatchMode):
-    """Records the most elements of any tensor an op returns (forward and backward)."""
-
-    def __init__(self):
-        super().__init__()
-        self.largest = 0
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        out = func(*args, **(kwargs or {}))
-        for t in tree_flatten(out)[0]:
-            if isinstance(t, torch.Tensor):
-                self.largest = max(self.largest, t.numel())
-        return out
-
-
-def test_chunked_never_builds_full_logits(gen):
+def test_chunked_never_builds_full_logits(gen, largest_tensor):
     n, h, v, chunk = 64, 4, 512, 8
     hidden, weight, targets, g_logp, g_ent = inputs(gen, n, h, v, dtype=torch.float32)
     hidden.requires_grad_(True), weight.requires_grad_(True)
-    with LargestTensor() as fwd:
+    with largest_tensor() as fwd:
         logp, ent = chunked_token_logprobs(hidden, weight, targets, chunk_size=chunk, return_entropy=True)
-    with LargestTensor() as bwd:
+    with largest_tensor() as bwd:
         ((logp * g_logp).sum() + (ent * g_ent).sum()).backward()
     assert fwd.largest == bwd.largest == chunk * v  # the [chunk, V] buffers: an eighth of [N, V] here
     assert weight.grad is not None and hidden.grad is not None

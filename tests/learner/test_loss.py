@@ -14,8 +14,6 @@ import secrets
 
 import pytest
 import torch
-from torch.utils._python_dispatch import TorchDispatchMode
-from torch.utils._pytree import tree_flatten
 
 from configs.schema import LossConfig
 from learner.grpo import policy_loss
@@ -167,23 +165,12 @@ def test_no_grad_frozen_head_and_scaled_backward(gen):
     assert rel(h.grad, 3.0 * h2.grad) < 1e-6
 
 
-class LargestTensor(TorchDispatchMode):
-    def __init__(self):
-        super().__init__()
-        self.largest = 0
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        out = func(*args, **(kwargs or {}))
-        self.largest = max([self.largest] + [t.numel() for t in tree_flatten(out)[0] if isinstance(t, torch.Tensor)])
-        return out
-
-
-def test_fused_loss_holds_only_chunk_logits(gen):
+def test_fused_loss_holds_only_chunk_logits(gen, largest_tensor):
     cfg = LossConfig()
     b, t, h, v, chunk = 4, 32, 4, 400, 8
     hidden, weight, targets, adv, prox, behav, mask, _ = make_batch(gen, cfg, b=b, t=t, h=h, v=v)
     hidden.requires_grad_(True), weight.requires_grad_(True)
-    with LargestTensor() as probe:
+    with largest_tensor() as probe:
         loss, _ = fused_policy_loss(hidden, weight, targets, adv, prox, behav, mask, cfg, chunk_size=chunk)
         loss.backward()
     assert probe.largest == chunk * v  # > V*H and B*T*H here; full logits would be B*T*V
