@@ -9,6 +9,11 @@ from typing import Optional, Sequence
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv[:1] == ["train"]:
+        import train
+
+        return train.main(argv[1:])
     parser = argparse.ArgumentParser(prog="weft", description="RL for video-reasoning VLMs with tools, on Ray.")
     sub = parser.add_subparsers(dest="command", required=True)
 
@@ -51,6 +56,28 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     p = sub.add_parser("sft", help="Cold-start SFT on scripted-policy (oracle) trajectories: teaches the action format.")
     add_sft_args(p)
     p.set_defaults(func=_sft)
+
+    p = sub.add_parser("view", help="Render a run dir's sampled trajectories as one self-contained HTML page.")
+    p.add_argument("run_dir", help="Run directory (config.yaml, trajectories/step_*.msgpack) or one .msgpack file.")
+    p.add_argument("--out", required=True, help="The HTML file to write (inline CSS, SVG and images; no script).")
+    p.add_argument("--max", type=int, default=32, help="Show at most this many trajectories (the file's first N).")
+    p.add_argument("--step", type=int, default=None, help="Which step's sample to show (default: the newest).")
+    p.add_argument("--data", default=None, help="Task file to use instead of the run config's data.path.")
+    p.set_defaults(func=_view)
+
+    # `weft train ...` is handed to train.py whole (see the top of main); listed here for --help.
+    sub.add_parser("train", help="A GRPO training run on Ray (train.py): learner, env actors, rollout workers.")
+
+    p = sub.add_parser("rollout-worker", help="Attach a rollout worker to a running learner (another job or node).")
+    p.add_argument("--learner", required=True, help="HOST:PORT of the learner's gRPC service.")
+    p.add_argument("--model", default=None, help="HF model directory of the run's base model (overrides `model`); "
+                   "the learner's current weights replace its weights before the first group.")
+    p.add_argument("--data", default=None, help="Tasks (a tasks.jsonl or a directory holding one; default data.path).")
+    p.add_argument("--groups", type=int, default=0, help="Groups to run before leaving; 0 = until stopped (Ctrl-C).")
+    p.add_argument("--token", default=None, help="The learner's shared secret (prefer learner.token_env).")
+    p.add_argument("--config", default=None, help="YAML config file (the run's, so budgets and group size match).")
+    p.add_argument("overrides", nargs="*", help="key=value config overrides, e.g. rollout.concurrent_groups=4")
+    p.set_defaults(func=_rollout_worker)
 
     args = parser.parse_args(argv)
     return int(args.func(args) or 0)
@@ -128,6 +155,12 @@ def add_sft_args(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
     p.add_argument("overrides", nargs="*", help="key=value config overrides, e.g. trainer.sft_lr=1e-4")
     return p
 
+def _rollout_worker(args: argparse.Namespace) -> int:
+    from actors.rollout_worker import main_rollout_worker
+
+    return main_rollout_worker(args)
+
+
 def _learner(args: argparse.Namespace) -> int:
     from learner.trainer import main_learner
 
@@ -138,6 +171,19 @@ def _sft(args: argparse.Namespace) -> int:
     from learner.sft import main_sft
 
     return main_sft(args)
+
+
+def _view(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    from env.view import write_view
+
+    if not Path(args.run_dir).exists():
+        print(f"weft view: {args.run_dir}: no such run directory or file", file=sys.stderr)
+        return 2
+    summary = write_view(args.run_dir, args.out, step=args.step, max_trajectories=max(0, args.max), data=args.data)
+    print(json.dumps(summary, sort_keys=True))
+    return 0
 
 
 def _tasks_path(data: str):

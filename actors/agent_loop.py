@@ -140,7 +140,7 @@ async def run_episode(engine: Any, env: Any, task: Task, sampling: Any, budgets:
     budgets = budgets or Budgets()
     traj_id = traj_id or uuid.uuid4().hex
     slot = episode_env(env, f"{group_id or 'ep'}:{traj_id}")
-    b, texts, t0 = _Builder(), [], time.perf_counter()
+    b, texts, obs_texts, t0 = _Builder(), [], [], time.perf_counter()
     timing = {"engine_s": 0.0, "env_s": 0.0}
     status, error, reward, terms, info = Status.FAILED, "", 0.0, {}, {}
     try:
@@ -175,6 +175,7 @@ async def run_episode(engine: Any, env: Any, task: Task, sampling: Any, budgets:
             te = time.perf_counter()
             obs, reward, terminated, truncated, info = await slot.step(text)
             timing["env_s"] += time.perf_counter() - te
+            obs_texts.append(obs.text)  # the tool responses, for `weft view`
             terms = info.get("reward_terms", terms)
             if info.get("status") == "FAILED":
                 raise _EpisodeFailed(info.get("error", "env step failed"))
@@ -199,7 +200,7 @@ async def run_episode(engine: Any, env: Any, task: Task, sampling: Any, budgets:
                "frames": float(info.get("frames_returned", 0)), "generated_tokens": float(sum(b.loss_mask)),
                "tokens": float(len(b.token_ids)), "images": float(len(b.media)),
                "episode_s": time.perf_counter() - t0, **timing}
-    meta = {"turn_texts": texts, "answer": info.get("answer")}
+    meta = {"turn_texts": texts, "observation_texts": obs_texts, "answer": info.get("answer")}
     if error:
         meta["error"] = error
     return Trajectory(np.asarray(b.token_ids), np.asarray(b.loss_mask), np.asarray(b.logprobs),
@@ -248,6 +249,8 @@ async def run_group(engine: Any, env: Any, task: Task, sampling: Any, group_size
         if isinstance(r, BaseException):
             if isinstance(r, asyncio.CancelledError):
                 raise r
-            r = Trajectory.failed(f"{type(r).__name__}: {r}", task_id=task.id, group_id=group_id, traj_id=tid)
+            exc = type(r).__name__
+            r = Trajectory.failed(f"{exc}: {r}", task_id=task.id, group_id=group_id, traj_id=tid)
+            r.metadata["exception"] = exc  # lets the worker tell a lost env actor (run again) from a bad episode
         out.append(r)
     return out

@@ -52,7 +52,18 @@ class EnvActor:
         return self.venv.tool_schemas()
 
     def ping(self) -> str:
-        return "ok"
+        return "pong"
+
+    def apply(self, func: Any, *args: Any, **kwargs: Any) -> Any:
+        """Run `func(self, ...)`: the call RLlib's FaultTolerantActorManager makes (health pings)."""
+        return func(self, *args, **kwargs)
+
+
+def start_env_actors(cfg: Any) -> list:
+    """M EnvActors for a `weft train` run, restarted by Ray when they die (their open episodes are
+    lost; the rollout workers run those groups again)."""
+    opts = dict(num_cpus=cfg.env.num_cpus, max_restarts=cfg.run.max_actor_restarts, max_task_retries=0)
+    return [EnvActor.options(**opts).remote(cfg.env, cfg.reward) for _ in range(cfg.env.num_actors)]
 
 
 class EnvHandle:

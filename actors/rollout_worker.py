@@ -104,8 +104,6 @@ class TaskSampler:
     """An endless seeded shuffle of the tasks; `cursor` counts tasks drawn (checkpointable)."""
 
     def __init__(self, tasks: list[Task], seed: int, cursor: int = 0):
-        if not tasks:
-            raise ValueError("no tasks to draw from")
         self.tasks, self.seed, self.cursor = tasks, seed, cursor
 
     def next(self) -> Task:
@@ -115,6 +113,8 @@ class TaskSampler:
 
     def peek(self, ahead: int = 0) -> Task:
         """The task `ahead` draws after the next one, without drawing it."""
+        if not self.tasks:
+            raise ValueError("no tasks to draw from (this worker is fed tasks by a driver)")
         epoch, i = divmod(self.cursor + ahead, len(self.tasks))
         order = list(range(len(self.tasks)))
         random.Random(f"{self.seed}:{epoch}").shuffle(order)
@@ -136,18 +136,24 @@ class RolloutCore:
         self.env = env
         self.worker_id = worker_id or uuid.uuid4().hex[:8]
         self.engine: Any = None
+        self._start_lock = asyncio.Lock()
         self.counters: Counter = Counter()
         self._groups_started = 0
 
     async def start(self) -> None:
-        """Start the engine (idempotent). Separate from __init__ so a Ray actor builds it on its own loop."""
-        if self.engine is None:
-            from actors.engine import Engine
+        """Start the engine (idempotent, and safe to call concurrently: one engine, built once). Separate
+        from __init__ so a Ray actor builds it on its own loop."""
+        async with self._start_lock:
+            if self.engine is None:
+                self.engine = await self._create_engine()
 
-            self.engine = await Engine.create(self.model_dir, dtype=self.cfg.dtype, max_model_len=self.cfg.max_model_len,
-                                              seed=self.cfg.seed, kv_cache_gib=self.cfg.kv_cache_gib,
-                                              gpu_memory_utilization=self.cfg.gpu_memory_utilization,
-                                              enable_prefix_caching=self.cfg.enable_prefix_caching)
+    async def _create_engine(self) -> Any:
+        from actors.engine import Engine
+
+        return await Engine.create(self.model_dir, dtype=self.cfg.dtype, max_model_len=self.cfg.max_model_len,
+                                   seed=self.cfg.seed, kv_cache_gib=self.cfg.kv_cache_gib,
+                                   gpu_memory_utilization=self.cfg.gpu_memory_utilization,
+                                   enable_prefix_caching=self.cfg.enable_prefix_caching)
 
     def _sampling(self) -> Any:
         from actors.engine import SamplingConfig
@@ -162,17 +168,23 @@ class RolloutCore:
                        max_generated_tokens=self.cfg.max_generated_tokens,
                        max_context_tokens=min(self.cfg.max_context_tokens, self.cfg.max_model_len))
 
-    async def run_group(self, task: Optional[Task] = None, group_id: Optional[str] = None) -> Group:
-        """One GRPO group of the next task (or the given one). Never raises for episode failures."""
+    async def run_group(self, task: Optional[Task] = None, group_id: Optional[str] = None, *, env: Any = None,
+                        prefetch: Optional[Task] = None) -> Group:
+        """One GRPO group of the next task (or the given one), in this core's env (or the given one).
+        `prefetch` is the task to warm the env's cache with (default: the sampler's next). Never raises
+        for episode failures."""
         from actors.agent_loop import run_group
 
         await self.start()
+        env = env or self.env
         task = task or self.sampler.next()
-        self._prefetch(self.sampler.peek())
+        prefetch = prefetch or (self.sampler.peek() if self.sampler.tasks else None)
+        if prefetch is not None:
+            self._prefetch(env, prefetch)
         gid = group_id or f"{self.worker_id}-{self._groups_started}-{uuid.uuid4().hex[:8]}"
         self._groups_started += 1
         t0 = time.perf_counter()
-        trajs = await run_group(self.engine, self.env, task, self._sampling(), self.cfg.group_size,
+        trajs = await run_group(self.engine, env, task, self._sampling(), self.cfg.group_size,
                                 self._budgets(), group_id=gid, system_prompt=self.cfg.system_prompt)
         for t in trajs:
             self.counters[f"status:{t.status.value}"] += 1
@@ -180,11 +192,11 @@ class RolloutCore:
         return Group(group_id=gid, task_id=task.id, trajectories=trajs,
                      metadata={"worker": self.worker_id, "group_s": time.perf_counter() - t0})
 
-    def _prefetch(self, task: Task) -> None:
+    def _prefetch(self, env: Any, task: Task) -> None:
         """Decode the next task's overview into the env's cache while this group generates:
         otherwise the engine idles through every group's first decode (bench/rollout.py). A task
         already cached costs only cache hits; concurrent decodes of one frame are deduplicated."""
-        prefetch = getattr(self.env, "prefetch", None)
+        prefetch = getattr(env, "prefetch", None)
         if prefetch is not None:
             fut = asyncio.ensure_future(asyncio.to_thread(prefetch, task))
             fut.add_done_callback(lambda f: f.cancelled() or f.exception())  # errors surface at reset instead
@@ -252,3 +264,168 @@ def summarize_groups(groups: list[Group]) -> dict[str, Any]:
             "tool_calls_mean": mean([t.metrics.get("tool_calls", 0.0) for t in ok]),
             "generated_tokens": int(sum(t.loss_mask.sum() for t in trajs)),
             "failure_reasons": sorted({t.metadata.get("error", "") for t in trajs if t.status is Status.FAILED})[:10]}
+
+
+# ------------------------------------------------------------------ the Ray actor of `weft train`
+
+# Exceptions that mean the env actor hosting an episode died (Ray restarts it): the episode
+# was not the policy's fault, so its group is run again rather than trained on.
+ENV_LOST = frozenset({"RayActorError", "ActorDiedError", "ActorUnavailableError"})
+
+
+def env_lost(group: Group) -> list[str]:
+    """Reasons of the group's episodes that failed because their env actor died."""
+    return [t.metadata.get("error", "") for t in group.trajectories if t.metadata.get("exception") in ENV_LOST]
+
+
+class RolloutWorker:
+    """A rollout worker of `weft train`: the driver hands it work items (task, group id, the weight
+    version to start from); it runs the group on one of the shared EnvActors, submits it to the
+    learner over gRPC and follows the learner's weights in the background.
+
+    If it dies, the driver runs its unfinished groups again elsewhere under the same group ids,
+    so a group that did reach the learner is answered DUPLICATE and never trained twice. Every
+    call from the driver goes through `apply` (RLlib's FaultTolerantActorManager protocol)."""
+
+    def __init__(self, model_dir: str, cfg: Any, learner_address: str, env_actors: list, worker_id: str = ""):
+        from actors.env_actor import EnvHandle
+        from actors.learner_client import LearnerClient
+
+        self.cfg = cfg
+        self.envs = [EnvHandle(a) for a in env_actors]
+        self.core = RolloutCore(model_dir, [], cfg.rollout, cfg.env, cfg.reward,
+                                env=self.envs[0] if self.envs else None, worker_id=worker_id)
+        self.client = LearnerClient.from_config(cfg.learner, address=learner_address)
+        self._follow: Optional[asyncio.Task] = None
+
+    async def apply(self, func: Any, *args: Any, **kwargs: Any) -> Any:
+        out = func(self, *args, **kwargs)
+        return await out if asyncio.iscoroutine(out) else out
+
+    async def ping(self) -> str:
+        """Answers once the engine is up and following the learner's weights (a restarted worker is
+        taken back into service only then)."""
+        await self._ready()
+        return "pong"
+
+    async def _ready(self) -> None:
+        await self.core.start()
+        if self._follow is None or self._follow.done():
+            self._follow = asyncio.ensure_future(self._follow_weights())
+
+    async def _follow_weights(self) -> None:
+        import logging
+
+        while True:
+            try:
+                await follow_weights(self.core.engine, self.client, from_version=self.core.engine.version)
+                return  # the client was closed: shutting down
+            except Exception as e:  # noqa: BLE001 - the learner may be restarting; keep trying
+                logging.getLogger(__name__).warning("weight stream broke (%s); reconnecting", e)
+                await asyncio.sleep(1.0)
+
+    async def _wait_version(self, version: int) -> float:
+        """Wait until the engine holds weights of at least `version` (bounded); returns the seconds waited."""
+        t0 = time.perf_counter()
+        while self.core.engine.version < version and time.perf_counter() - t0 < self.cfg.rollout.min_version_wait_s:
+            await asyncio.sleep(0.02)
+        return time.perf_counter() - t0
+
+    async def run_item(self, item: dict[str, Any]) -> dict[str, Any]:
+        """Run one work item and submit its group; the outcome is the learner's ack (or env_lost)."""
+        from protos import learner_pb2 as pb
+
+        await self._ready()
+        waited = await self._wait_version(item["min_version"])
+        env = self.envs[item["env"] % len(self.envs)] if self.envs else None
+        group = await self.core.run_group(item["task"], group_id=item["group_id"], env=env,
+                                          prefetch=item.get("next_task"))
+        out = {"group_id": group.group_id, "worker": self.core.worker_id, "version_wait_s": waited,
+               **group_numbers(group)}
+        lost = env_lost(group)
+        if lost:
+            return {**out, "outcome": "env_lost", "reason": lost[0]}
+        (ack,) = await asyncio.to_thread(self.client.submit, [group])
+        return {**out, "outcome": pb.AckKind.Name(ack.kind).lower(), "reason": ack.reason}
+
+    def status(self) -> dict[str, Any]:
+        return self.core.status()
+
+    async def shutdown(self) -> None:
+        self.client.close()
+        await self.core.shutdown()
+
+
+def group_numbers(group: Group) -> dict[str, Any]:
+    """The few numbers the driver keeps per group (rewards, tokens, the versions that sampled it)."""
+    ran = [t for t in group.trajectories if t.status is not Status.FAILED]
+    gen = [t.policy_version[t.loss_mask.astype(bool)] for t in ran]
+    versions = [int(v.min()) for v in gen if v.size] + [int(v.max()) for v in gen if v.size]
+    return {"reward_mean": float(sum(t.reward for t in ran) / len(ran)) if ran else 0.0,
+            "generated_tokens": int(sum(int(t.loss_mask.sum()) for t in group.trajectories)),
+            "failed": len(group.trajectories) - len(ran), "seconds": float(group.metadata.get("group_s", 0.0)),
+            "min_version": min(versions) if versions else -1, "max_version": max(versions) if versions else -1}
+
+
+def start_rollout_workers(cfg: Any, model_dir: str, learner_address: str, env_actors: list) -> list:
+    """N RolloutWorker actors (fractional CPUs, GPUs when configured), restarted by Ray when they die."""
+    import ray
+
+    cls = ray.remote(RolloutWorker).options(num_cpus=cfg.rollout.num_cpus, num_gpus=cfg.rollout.num_gpus,
+                                            max_restarts=cfg.run.max_actor_restarts, max_task_retries=0,
+                                            max_concurrency=1000)
+    return [cls.remote(model_dir, cfg, learner_address, env_actors, worker_id=f"w{i}")
+            for i in range(cfg.rollout.num_workers)]
+
+
+# ------------------------------------------------------------------ `weft rollout-worker`
+
+
+async def attach(cfg: Any, model_dir: str, tasks: list[Task], address: str, groups: int = 0) -> dict[str, Any]:
+    """A rollout worker outside any driver: joins a running learner at `address`, follows its weights,
+    and submits groups of its own tasks until `groups` are done (0 = until stopped). Another job or
+    another node can run it; the learner's buffer slows it down when it is ahead, and its staleness
+    bound drops what comes too late (counted)."""
+    from actors.learner_client import LearnerClient
+
+    client = LearnerClient.from_config(cfg.learner, address=address)
+    core = RolloutCore(model_dir, tasks, cfg.rollout, cfg.env, cfg.reward, worker_id=f"ext-{uuid.uuid4().hex[:6]}")
+    sink = GrpcSink(client)
+    follow = None
+    try:
+        status = await asyncio.to_thread(client.status)
+        if status.group_size != cfg.rollout.group_size:
+            raise ValueError(f"learner wants groups of {status.group_size}, rollout.group_size is {cfg.rollout.group_size}")
+        await core.start()
+        follow = asyncio.ensure_future(follow_weights(core.engine, client, from_version=core.engine.version))
+        while core.engine.version < status.version - status.max_staleness:  # the learner's weights, first
+            await asyncio.sleep(0.05)
+        done = 0
+        while groups == 0 or done < groups:
+            n = cfg.rollout.concurrent_groups if groups == 0 else min(cfg.rollout.concurrent_groups, groups - done)
+            await core.run(n, sink)
+            done += n
+        return {"worker": core.worker_id, "groups": done, "acks": dict(sink.acks), "version": core.engine.version}
+    finally:
+        client.close()
+        if follow is not None:
+            follow.cancel()
+        await core.shutdown()
+
+
+def main_rollout_worker(args: Any) -> int:
+    import json
+    import logging
+
+    from configs import load_config
+    from env import load_tasks
+
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
+    cfg = load_config(args.config, args.overrides)
+    if args.token is not None:
+        cfg.learner.token = args.token
+    data = Path(args.data or cfg.data.path)
+    tasks = load_tasks(data / "tasks.jsonl" if data.is_dir() else data)
+    out = asyncio.run(attach(cfg, args.model or cfg.model, tasks, args.learner, args.groups))
+    print(json.dumps(out, sort_keys=True))
+    return 0

@@ -53,6 +53,8 @@ class EnvConfig:
     cache_bytes: int = f(512 * 2**20, "Byte bound of the process-wide decoded-frame LRU cache shared by all episodes.", min=0)
     reader_pool_size: int = f(16, "Open decord readers kept per process (LRU).", min=1)
     seed: int = f(0, "Seed for per-task random choices (overview size draw).")
+    num_actors: int = f(1, "EnvActors (Ray actors hosting a VectorVideoEnv) in a `weft train` run; the rollout workers share them. Scales apart from rollout.num_workers: decoding is CPU work.", min=1)
+    num_cpus: float = f(0.25, "CPUs Ray reserves for each EnvActor (fractional: it mostly waits on decord threads).", min=0.0)
 
 
 @dataclass
@@ -103,6 +105,8 @@ class LearnerConfig:
     stop_grace_s: float = f(2.0, "Seconds in-flight calls get to finish when the server stops.", min=0.0)
     backoff_initial_s: float = f(0.1, "Client: first reconnect delay; doubles per failed attempt, with full jitter.", min=0.001)
     backoff_max_s: float = f(5.0, "Client: largest reconnect delay.", min=0.001)
+    num_cpus: float = f(0.5, "CPUs Ray reserves for the learner actor in a `weft train` run.", min=0.0)
+    num_gpus: float = f(0.0, "GPUs Ray reserves for the learner actor: 1 on a GPU cluster, 0 on the CPU.", min=0.0)
     retry_deadline_s: float = f(600.0, "Client: give up (LearnerUnavailable) after this long without reaching the learner; 0 = never give up.", min=0.0)
 
 
@@ -125,6 +129,9 @@ class RolloutConfig:
     enable_prefix_caching: bool = f(True, "vLLM prefix caching: the G episodes of a group share one prompt and overview, so their first-turn prefill is paid once.")
     system_prompt: Optional[str] = f(None, "System prompt; None uses models.chat.DEFAULT_SYSTEM_PROMPT.")
     seed: int = f(0, "Seed of the task order and of the engine's sampler.")
+    num_cpus: float = f(0.5, "CPUs Ray reserves for each rollout worker (fractional, so a small node fits several).", min=0.0)
+    num_gpus: float = f(0.0, "GPUs Ray reserves for each rollout worker: 1 on a GPU cluster (one engine per GPU), 0 on the CPU.", min=0.0)
+    min_version_wait_s: float = f(120.0, "How long a worker waits for the weight version a group must start from (the driver asks for learner version - max_staleness) before it runs it anyway; such a group may then be dropped as stale, and is counted.", min=0.0)
 
 
 @dataclass
@@ -148,11 +155,12 @@ class TrainerConfig:
     publish_dtype: str = f("auto", "Dtype of published weights: auto (rollout.dtype) | float32 | bfloat16 | float16.", choices=["auto", "float32", "bfloat16", "float16"])
     weight_transport: str = f("grpc", "How weights reach the rollout workers: grpc (LearnerServer.publish; any device) | nccl (torch.distributed broadcast; CUDA only, UNVERIFIED).", choices=["grpc", "nccl"])
     batch_timeout_s: float = f(60.0, "How long one wait for a batch may take before the loop logs that it is starved and waits again.", min=0.1)
-    max_steps: int = f(0, "Stop after this many steps (counting resumed ones); 0 = run until stopped.", min=0)
+    total_steps: int = f(0, "Stop after this many optimizer steps (counting resumed ones); 0 = run until stopped (`weft train` needs it > 0).", min=0)
+    sample_every: int = f(10, "Every this many steps, write the step's trajectories to run_dir/trajectories/step_NNNNNN.msgpack (for `weft view`); 0 = never.", min=0)
     checkpoint_every: int = f(50, "Save a checkpoint every this many steps; 0 = only at the end.", min=0)
     keep_checkpoints: int = f(3, "Newest complete checkpoints kept; older ones are deleted after a save.", min=1)
     resume: str = f("auto", "auto (continue from the newest complete checkpoint under run_dir, else start fresh) | never | a checkpoint directory.")
-    run_dir: str = f("runs/default", "Where checkpoints, metrics.jsonl and TensorBoard events go.")
+    run_dir: Optional[str] = f(None, "Where everything of a run goes: config.yaml, metrics.jsonl, tb/, checkpoints/, trajectories/. None = runs/<local timestamp> (resolved once at start and saved with the config).")
     tensorboard: bool = f(True, "Also write metrics as TensorBoard events under run_dir/tb.")
     sft_lr: float = f(1e-4, "Cold-start SFT learning rate.", min=0.0)
     sft_steps: int = f(100, "Cold-start SFT optimizer steps.", min=1)
@@ -163,8 +171,19 @@ class TrainerConfig:
 
 
 @dataclass
+class RunConfig:
+    """The driver of a `weft train` run (train.py): pools, fault tolerance, what the user sees."""
+
+    display: str = f("auto", "Live progress: auto (a rich live table when stdout is a terminal, one log line per step otherwise) | rich | log | none.", choices=["auto", "rich", "log", "none"])
+    max_actor_restarts: int = f(-1, "How often Ray restarts a dead rollout worker or env actor (-1 = always). Groups they were running are run again.", min=-1)
+    probe_every_s: float = f(5.0, "Seconds between health probes of the actor pools (dead actors are taken out of service until they answer again).", min=0.1)
+    drain_timeout_s: float = f(300.0, "At the end, how long the driver waits for groups still running before it stops the workers; those groups are reported as abandoned.", min=0.0)
+    ray_num_cpus: Optional[int] = f(None, "CPUs of the local Ray cluster train.py starts when RAY_ADDRESS is unset (None = all of this machine's). Ignored for an existing cluster.", min=1)
+
+
+@dataclass
 class WeftConfig:
-    """Everything a weft run needs. Later parts (rollout, learner) add sections here."""
+    """Everything a weft run needs."""
 
     data: DataConfig = f(factory=DataConfig, help="Task data.")
     env: EnvConfig = f(factory=EnvConfig, help="Video-tool environment.")
@@ -173,4 +192,6 @@ class WeftConfig:
     learner: LearnerConfig = f(factory=LearnerConfig, help="Learner service and its client.")
     rollout: RolloutConfig = f(factory=RolloutConfig, help="Rollout workers and sampling.")
     trainer: TrainerConfig = f(factory=TrainerConfig, help="Training loop, checkpoints and cold-start SFT.")
+    run: RunConfig = f(factory=RunConfig, help="The `weft train` driver: pools, fault tolerance, display.")
+    model: Optional[str] = f(None, "HF model directory the run starts from (the tiny demo model, or e.g. a local copy of Qwen2.5-VL-7B-Instruct). `weft train --model` overrides it.")
     seed: int = f(0, "Global seed.")

@@ -146,3 +146,43 @@ class MetricsLogger:
         if self._writer is not None:
             self._writer.close()
             self._writer = None
+
+
+# ------------------------------------------------------------------ a run's summary
+
+LEARNING_KEYS = ("reward_mean", "accuracy", "reward/format", "reward/tool", "reward/accuracy", "reward/evidence")
+
+
+def read_metrics(run_dir: str | Path) -> list[dict[str, Any]]:
+    """The trained steps of run_dir/metrics.jsonl (skipped steps left out), in order."""
+    path = Path(run_dir) / "metrics.jsonl"
+    if not path.is_file():
+        return []
+    rows = []
+    for line in path.read_text(encoding="utf-8").splitlines():
+        try:
+            row = json.loads(line)
+        except ValueError:
+            continue  # a line cut by a kill
+        if not row.get("skipped"):
+            rows.append(row)
+    return rows
+
+
+def learning_summary(rows: list[dict[str, Any]], window: int = 10) -> dict[str, dict[str, float]]:
+    """First-`window` vs last-`window` steps: mean and standard deviation of each LEARNING_KEYS metric,
+    and the rise (last mean - first mean) in units of the pooled standard error."""
+    out: dict[str, dict[str, float]] = {}
+    if not rows:
+        return out
+    w = max(1, min(window, len(rows) // 2 or 1))
+    for key in LEARNING_KEYS:
+        first = np.array([r[key] for r in rows[:w] if isinstance(r.get(key), (int, float))], dtype=float)
+        last = np.array([r[key] for r in rows[-w:] if isinstance(r.get(key), (int, float))], dtype=float)
+        if not first.size or not last.size:
+            continue
+        se = math.sqrt(first.var(ddof=1) / first.size + last.var(ddof=1) / last.size) if min(first.size, last.size) > 1 else 0.0
+        rise = float(last.mean() - first.mean())
+        out[key] = {"first_mean": float(first.mean()), "first_std": float(first.std()), "last_mean": float(last.mean()),
+                    "last_std": float(last.std()), "rise": rise, "rise_se": rise / se if se > 0 else 0.0, "window": w}
+    return out

@@ -31,7 +31,7 @@ import math
 import threading
 import time
 from pathlib import Path
-from typing import Any, Optional, Sequence
+from typing import Any, Callable, Optional, Sequence
 
 import numpy as np
 import torch
@@ -157,6 +157,8 @@ class Trainer:
 
         self.cfg, self.tc = cfg, cfg.trainer
         check_trainer_config(cfg)
+        if self.tc.run_dir is None:
+            self.tc.run_dir = default_run_dir()
         self.run_dir = Path(self.tc.run_dir)
         self.device = resolve_device(self.tc.device)
         self.dtype = compute_dtype(self.tc.dtype, self.device)
@@ -177,7 +179,7 @@ class Trainer:
         self.server = server
         self.step = 0
         self.version = 0
-        self.cursor = {"groups_consumed": 0, "trajectories_trained": 0}
+        self.cursor = {"groups_consumed": 0, "trajectories_trained": 0, "batches": 0}
         self.last_metrics: dict[str, Any] = {}
         self.decoder = None  # env's shared FrameDecoder, created on first use
         self.saved_step: Optional[int] = None
@@ -203,11 +205,22 @@ class Trainer:
         log.info("checkpoint %s (step %d, version %d)", path, self.step, self.version)
         return path
 
+    def save_samples(self, groups: Sequence[Group]) -> Path:
+        """The step's trajectories (FrameRefs, not pixels) for `weft view`; written whole or not at all."""
+        from protos.codec import write_trajectories
+
+        out = self.run_dir / "trajectories" / f"step_{self.step:06d}.msgpack"
+        out.parent.mkdir(parents=True, exist_ok=True)
+        tmp = out.with_suffix(".tmp")
+        write_trajectories(tmp, [t for g in groups for t in g.trajectories])
+        tmp.replace(out)
+        return out
+
     def _restore(self, path: Path) -> None:
         state = ckpt.load_state(path, self.device)
         self.optimizer.load_state_dict(state["optimizer"])
         self.step, self.version = int(state["step"]), int(state["version"])
-        self.cursor = {k: int(v) for k, v in state["cursor"].items()}
+        self.cursor.update({k: int(v) for k, v in state["cursor"].items()})
         ckpt.set_rng_state(state["rng"])
         if self.server is not None and state.get("server") is not None:
             self.server.load_state_dict(state["server"])
@@ -282,6 +295,7 @@ class Trainer:
             log.warning("dropped trajectory %s", e)
         metrics.update(prepared.counts)
         self.cursor["groups_consumed"] += len(groups)
+        self.cursor["batches"] += 1
         t_prep = time.perf_counter()
         metrics["time/prepare_s"] = t_prep - t0
         if not prepared.samples:
@@ -325,11 +339,14 @@ class Trainer:
         t_pub = time.perf_counter()
         self.publish()
         metrics["time/publish_s"] = time.perf_counter() - t_pub
+        if self.tc.sample_every and self.step % self.tc.sample_every == 0:
+            self.save_samples(groups)
         metrics["tokens_per_s"] = n_loss_tokens / max(time.perf_counter() - t0, 1e-9)
         return self._finish(metrics, t0, skipped=False)
 
     def _finish(self, metrics: dict[str, Any], t0: float, skipped: bool) -> dict[str, Any]:
         metrics["skipped"] = int(skipped)
+        metrics["step"] = self.step
         metrics["version"] = self.version
         metrics["time/checkpoint_s"] = 0.0
         if not skipped and self.tc.checkpoint_every and self.step % self.tc.checkpoint_every == 0:
@@ -348,16 +365,22 @@ class Trainer:
         return metrics
 
     # ---- the loop
-    def run(self, stop: Optional[threading.Event] = None) -> None:
-        """Take batches from the server and train until max_steps or `stop`; save a checkpoint at the end."""
+    def run(self, stop: Optional[threading.Event] = None,
+            on_wait: Optional[Callable[[float], None]] = None) -> None:
+        """Take batches from the server and train until total_steps or `stop`; save a checkpoint at the end.
+
+        `on_wait(seconds)` hears how long each wait for a batch took (the learner's idle time)."""
         if self.server is None:
             raise RuntimeError("Trainer.run needs a LearnerServer")
         stop = stop or threading.Event()
         if self.version > 0:
             self.publish()  # resumed: workers that (re)connect get the weights they must sample with
         try:
-            while not stop.is_set() and not (self.tc.max_steps and self.step >= self.tc.max_steps):
+            while not stop.is_set() and not (self.tc.total_steps and self.step >= self.tc.total_steps):
+                t_wait = time.perf_counter()
                 groups = self.server.get_batch(self.tc.groups_per_step, timeout=self.tc.batch_timeout_s)
+                if on_wait is not None:
+                    on_wait(time.perf_counter() - t_wait)
                 if not groups:
                     if not stop.is_set():
                         log.info("step %d: no batch within %.0f s (buffer %d/%d)", self.step, self.tc.batch_timeout_s,
@@ -375,6 +398,11 @@ class Trainer:
     def close(self) -> None:
         if self.metrics is not None:
             self.metrics.close()
+
+
+def default_run_dir() -> str:
+    """runs/<local timestamp>: a fresh directory per run unless the user names one."""
+    return time.strftime("runs/%Y%m%d-%H%M%S")
 
 
 def check_trainer_config(cfg: WeftConfig) -> None:
@@ -432,39 +460,29 @@ def main_learner(args: argparse.Namespace) -> int:
     import signal
 
     from configs import load_config
-    from learner.server import LearnerServer, TrainerHooks
+    from learner.service import LearnerService
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
     cfg = load_config(args.config, args.overrides)
-    if args.port is not None:
-        cfg.learner.port = args.port
-    if args.host is not None:
-        cfg.learner.host = args.host
-    if args.token is not None:
-        cfg.learner.token = args.token
+    for key, value in (("port", args.port), ("host", args.host), ("token", args.token)):
+        if value is not None:
+            setattr(cfg.learner, key, value)
     if args.run_dir is not None:
         cfg.trainer.run_dir = args.run_dir
-    fill_learner_limits(cfg, args.model)
-    holder: dict[str, Trainer] = {}
-    server = LearnerServer(cfg.learner, TrainerHooks(status_metrics=lambda: _status_numbers(holder)))
-    trainer = Trainer(cfg, args.model, server=server)
-    holder["trainer"] = trainer
-    stop = threading.Event()
+    svc = LearnerService(cfg, args.model or cfg.model)
 
     def on_signal(signum: int, _frame: Any) -> None:
         log.info("signal %d: finishing the current step, then saving", signum)
-        stop.set()
-        server.buffer.close()  # wakes a get_batch that is waiting
+        svc.request_stop()
 
     signal.signal(signal.SIGINT, on_signal)
     signal.signal(signal.SIGTERM, on_signal)
-    server.start()
-    print(f"learner listening on {server.address} (version {trainer.version}, step {trainer.step})", flush=True)
-    try:
-        trainer.run(stop)
-    finally:
-        server.stop()
-    return 0
+    address = svc.start()
+    print(f"learner listening on {address} (version {svc.trainer.version}, step {svc.trainer.step})", flush=True)
+    while not svc.join(timeout=1.0):
+        pass
+    progress = svc.stop()
+    return 1 if progress["error"] else 0
 
 
 def fill_learner_limits(cfg: WeftConfig, model_dir: Optional[str | Path]) -> None:
@@ -481,10 +499,3 @@ def fill_learner_limits(cfg: WeftConfig, model_dir: Optional[str | Path]) -> Non
         cfg.learner.vocab_size = int(text.vocab_size)
     if cfg.learner.image_token_id is None and getattr(hf, "image_token_id", None) is not None:
         cfg.learner.image_token_id = int(hf.image_token_id)
-
-
-def _status_numbers(holder: dict[str, Trainer]) -> dict[str, float]:
-    t = holder.get("trainer")
-    if t is None:
-        return {}
-    return {k: float(v) for k, v in t.last_metrics.items() if isinstance(v, (int, float)) and not isinstance(v, bool)}

