@@ -10,8 +10,10 @@ started only while
 
     running + (accepted by the learner - dropped stale at take) < (B + s + 1) * n
 
-and it starts from weights no older than (learner version - s): the worker waits for
-them. s = 0 is the synchronous baseline (a step's groups all start from the newest
+and it starts from the learner's current weights (the worker waits for them: they are
+pushed right after each step). A group started at version v is then among the first
+(v + s + 1) * n groups, so it is trained by version v + s at the latest: its oldest token
+is at most s versions stale (AReaL's argument). s = 0 is the synchronous baseline (a step's groups all start from the newest
 weights, and none starts while the learner trains); s > 0 lets rollout run ahead while
 the learner trains, and episodes in flight keep going across weight updates (the
 workers load new weights with pause(keep) -> load -> resume).
@@ -123,7 +125,7 @@ class Dispatcher:
             item = self.queue.popleft() if self.queue else self._new_item()
             item.attempts += 1
             payload = {"group_id": item.group_id, "task": item.task, "env": self._env_for(item),
-                       "min_version": max(0, self.progress["version"] - self.staleness),
+                       "min_version": self.progress["version"],
                        "next_task": self.sampler.peek() if self.sampler.tasks else None}
             fired = self.workers.foreach_actor_async([call_run_item], tag=item.group_id, kwargs=[{"item": payload}],
                                                      remote_actor_ids=[wid])
@@ -147,7 +149,7 @@ class Dispatcher:
     def _env_for(self, item: Item) -> int:
         """A live env actor for the item's group (all its episodes share one: one video, one cache)."""
         healthy = self.envs.healthy_actor_ids() or self.envs.actor_ids()
-        return healthy[item.index % len(healthy)]
+        return healthy[item.index % len(healthy)] if healthy else 0
 
     # ---- results
     def _collect(self, timeout: float) -> None:
@@ -176,6 +178,8 @@ class Dispatcher:
             return
         self.counts[outcome] += 1
         self.counts["generated_tokens"] += out.get("generated_tokens", 0)
+        # A partial rollout: its episodes kept running while new weights were loaded.
+        self.counts["crossed_versions"] += int(out.get("max_version", -1) > out.get("min_version", -1) >= 0)
         if outcome == "rejected":
             log.error("learner rejected group %s: %s", item.group_id, reason)
 
@@ -216,4 +220,4 @@ class Dispatcher:
                 "pending": c["pending"], "dispatched": c["dispatched"],
                 "reruns": {k: c[f"rerun/{k}"] for k in RERUN},
                 "worker_restarts": self.workers.total_num_restarts(), "env_restarts": self.envs.total_num_restarts(),
-                "generated_tokens": c["generated_tokens"]}
+                "generated_tokens": c["generated_tokens"], "crossed_versions": c["crossed_versions"]}

@@ -86,5 +86,6 @@ def print_summary(summary: dict[str, Any]) -> None:
     acct.add_row(*(str(g[k]) for k in ("created", "accepted", "duplicate", "stale", "rejected", "given_up",
                                         "abandoned", "pending")))
     console.print(acct)
+    console.print(f"groups that crossed a weight update mid-episode: {g['crossed_versions']}")
     console.print(f"re-run: {g['reruns']}  restarts: workers {g['worker_restarts']}, envs {g['env_restarts']}  "
                   f"learner idle {summary['learner']['idle_frac']:.2f}  run dir: {summary['run_dir']}")

@@ -319,6 +319,11 @@ class Engine:
                     await self.resume()
             return {"load_s": time.perf_counter() - t0, "tensors": float(n)}
 
+    @property
+    def dead(self) -> bool:
+        """True once the engine core has died (EngineDeadError): nothing but a new engine helps."""
+        return bool(getattr(self.llm, "errored", False))
+
     async def shutdown(self) -> None:
         """Stop the engine-core process. The Engine is unusable afterwards."""
         llm, self.llm = self.llm, None

@@ -27,7 +27,7 @@ import torch
 from configs.schema import LearnerConfig
 from protos import learner_pb2 as pb
 from protos import learner_pb2_grpc as pb_grpc
-from protos.codec import dumps
+from protos.codec import dumps_framed
 from protos.records import Group
 
 log = logging.getLogger(__name__)
@@ -77,6 +77,11 @@ class LearnerClient:
             ("grpc.min_reconnect_backoff_ms", min(int(backoff_initial_s * 1000) + 1, backoff_ms)),
             ("grpc.max_reconnect_backoff_ms", backoff_ms)])
         self._stub = pb_grpc.LearnerServiceStub(self._channel)
+        # SubmitGroups taking requests already serialized by encode_group (one copy of the payload
+        # instead of protobuf's two): the same GroupMessage bytes on the wire as the stub would send.
+        self._submit_groups = self._channel.stream_unary(
+            f"/{pb.DESCRIPTOR.services_by_name['LearnerService'].full_name}/SubmitGroups",
+            request_serializer=None, response_deserializer=pb.SubmitReply.FromString)
         self._closed = threading.Event()
 
     @classmethod
@@ -113,7 +118,7 @@ class LearnerClient:
             too_big: list[str] = []
             # Encoded lazily, on gRPC's sending thread: group i+1 is encoded while group i is on
             # the wire and in the learner's hands. Re-encoded on a retry (rare) rather than kept.
-            reply = self._retrying(lambda: self._stub.SubmitGroups(
+            reply = self._retrying(lambda: self._submit_groups(
                 self._messages(groups, pending, too_big), metadata=self._metadata, timeout=self.rpc_timeout_s))
             if too_big:
                 raise ValueError(too_big[0])
@@ -132,18 +137,14 @@ class LearnerClient:
                 self._sleep(wait * (1.0 + 0.5 * random.random()))  # jitter so workers do not return in lockstep
         return [acks[i] for i in range(len(groups))]
 
-    def _messages(self, groups: Sequence[Group], which: list[int], too_big: list[str]) -> Iterator[pb.GroupMessage]:
+    def _messages(self, groups: Sequence[Group], which: list[int], too_big: list[str]) -> Iterator[bytes]:
         too_big.clear()
         for i in which:
-            payload = dumps(groups[i])
-            msg = pb.GroupMessage(group_id=groups[i].group_id, payload=payload)
-            # ByteSize() (like reading msg.payload) costs a pass over the payload; skip it when the
-            # two fields plus their tags and length prefixes (at most 11 bytes each) surely fit.
-            surely_fits = len(payload) + 4 * len(msg.group_id) + 22 <= self.max_message_bytes
-            if not surely_fits and msg.ByteSize() > self.max_message_bytes:
+            msg = encode_group(groups[i])
+            if len(msg) > self.max_message_bytes:
                 # Ending the stream here (rather than raising on gRPC's thread, which would read as a
                 # retryable cancellation) lets the learner ack the groups before this one.
-                too_big.append(f"group {msg.group_id}: {msg.ByteSize()} bytes > max_message_bytes {self.max_message_bytes}")
+                too_big.append(f"group {groups[i].group_id}: {len(msg)} bytes > max_message_bytes {self.max_message_bytes}")
                 return
             yield msg
 
@@ -207,6 +208,38 @@ class LearnerClient:
     def _sleep(self, seconds: float) -> None:
         if self._closed.wait(seconds):
             raise LearnerUnavailable("client closed")
+
+
+def _varint(n: int) -> bytes:
+    out = bytearray()
+    while n >= 0x80:
+        out.append(n & 0x7F | 0x80)
+        n >>= 7
+    out.append(n)
+    return bytes(out)
+
+
+def group_message(group_id: str, payload: bytes) -> bytes:
+    """pb.GroupMessage(group_id=..., payload=...).SerializeToString(), byte for byte."""
+    return _group_message_head(group_id)(len(payload)) + payload
+
+
+def encode_group(group: Group) -> bytes:
+    """The serialized GroupMessage of `group`, the same bytes as protobuf's, with one copy of the payload.
+
+    Building a pb.GroupMessage copies the payload and serializing it copies it again
+    (together ~0.5 ms for a 0.43 MB group, more than encoding it); here the codec writes
+    the protobuf header in front of its own output in one join.
+    """
+    return dumps_framed(group, _group_message_head(group.group_id))
+
+
+def _group_message_head(group_id: str) -> Callable[[int], bytes]:
+    """The GroupMessage bytes before a payload of n bytes: fields in number order, empty ones left
+    out (protobuf's canonical form; a test compares with SerializeToString)."""
+    gid = group_id.encode("utf-8")
+    gid_field = b"\x0a" + _varint(len(gid)) + gid if gid else b""
+    return lambda n: gid_field + (b"\x12" + _varint(n) if n else b"")
 
 
 def _assemble(messages: Iterator[pb.WeightMessage], announce_only: bool,

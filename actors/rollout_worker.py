@@ -297,6 +297,7 @@ class RolloutWorker:
                                 env=self.envs[0] if self.envs else None, worker_id=worker_id)
         self.client = LearnerClient.from_config(cfg.learner, address=learner_address)
         self._follow: Optional[asyncio.Task] = None
+        self._closing = False
 
     async def apply(self, func: Any, *args: Any, **kwargs: Any) -> Any:
         out = func(self, *args, **kwargs)
@@ -316,13 +317,24 @@ class RolloutWorker:
     async def _follow_weights(self) -> None:
         import logging
 
-        while True:
+        while not self._closing:
             try:
                 await follow_weights(self.core.engine, self.client, from_version=self.core.engine.version)
-                return  # the client was closed: shutting down
             except Exception as e:  # noqa: BLE001 - the learner may be restarting; keep trying
-                logging.getLogger(__name__).warning("weight stream broke (%s); reconnecting", e)
-                await asyncio.sleep(1.0)
+                self._exit_if_engine_dead(e)
+                if not self._closing:
+                    logging.getLogger(__name__).warning("weight stream broke (%s); reconnecting", e)
+                    await asyncio.sleep(1.0)
+
+    def _exit_if_engine_dead(self, err: BaseException) -> None:
+        """A dead vLLM engine cannot be revived in place: end this process so Ray restarts the worker
+        with a fresh one (the driver re-runs the groups it held)."""
+        import logging
+        import os
+
+        if self.core.engine is not None and self.core.engine.dead and not self._closing:
+            logging.getLogger(__name__).error("engine died (%s): restarting this rollout worker", err)
+            os._exit(70)
 
     async def _wait_version(self, version: int) -> float:
         """Wait until the engine holds weights of at least `version` (bounded); returns the seconds waited."""
@@ -338,8 +350,15 @@ class RolloutWorker:
         await self._ready()
         waited = await self._wait_version(item["min_version"])
         env = self.envs[item["env"] % len(self.envs)] if self.envs else None
-        group = await self.core.run_group(item["task"], group_id=item["group_id"], env=env,
-                                          prefetch=item.get("next_task"))
+        try:
+            group = await self.core.run_group(item["task"], group_id=item["group_id"], env=env,
+                                              prefetch=item.get("next_task"))
+        except Exception as e:  # noqa: BLE001 - sorted below: env actor lost, engine dead, or a bug
+            self._exit_if_engine_dead(e)
+            if type(e).__name__ in ENV_LOST:  # e.g. the env actor died before the episodes began
+                return {"group_id": item["group_id"], "outcome": "env_lost", "reason": f"{type(e).__name__}: {e}"}
+            raise
+        self._exit_if_engine_dead(RuntimeError("engine died during the group"))  # its episodes hold no data
         out = {"group_id": group.group_id, "worker": self.core.worker_id, "version_wait_s": waited,
                **group_numbers(group)}
         lost = env_lost(group)
@@ -352,7 +371,10 @@ class RolloutWorker:
         return self.core.status()
 
     async def shutdown(self) -> None:
+        self._closing = True
         self.client.close()
+        if self._follow is not None:
+            self._follow.cancel()
         await self.core.shutdown()
 
 

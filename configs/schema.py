@@ -131,7 +131,7 @@ class RolloutConfig:
     seed: int = f(0, "Seed of the task order and of the engine's sampler.")
     num_cpus: float = f(0.5, "CPUs Ray reserves for each rollout worker (fractional, so a small node fits several).", min=0.0)
     num_gpus: float = f(0.0, "GPUs Ray reserves for each rollout worker: 1 on a GPU cluster (one engine per GPU), 0 on the CPU.", min=0.0)
-    min_version_wait_s: float = f(120.0, "How long a worker waits for the weight version a group must start from (the driver asks for learner version - max_staleness) before it runs it anyway; such a group may then be dropped as stale, and is counted.", min=0.0)
+    min_version_wait_s: float = f(120.0, "How long a worker waits for the weight version a group must start from (the learner's version when the driver handed the group out) before it runs it anyway; such a group may then be dropped as stale, and is counted.", min=0.0)
 
 
 @dataclass

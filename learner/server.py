@@ -30,7 +30,7 @@ import os
 import threading
 from concurrent import futures
 from dataclasses import dataclass
-from typing import Any, Callable, Iterable, Iterator, Mapping, Optional, Union
+from typing import Any, Callable, Iterable, Iterator, Mapping, NamedTuple, Optional, Union
 
 import grpc
 import torch
@@ -182,6 +182,60 @@ def _refusing(handler: grpc.RpcMethodHandler) -> grpc.RpcMethodHandler:
 
 
 SERVICE = pb.DESCRIPTOR.services_by_name["LearnerService"]
+_GROUP_ID_TAG, _PAYLOAD_TAG = 0x0A, 0x12  # GroupMessage fields 1 and 2, wire type 2 (length-delimited)
+
+
+class Submission(NamedTuple):
+    """One received GroupMessage: its group id and a zero-copy view of its payload."""
+
+    group_id: str
+    payload: Union[memoryview, bytes]
+
+
+def parse_group_message(data: bytes) -> Submission:
+    """A GroupMessage's fields without protobuf's copies of the payload.
+
+    pb.GroupMessage.FromString copies the payload once and reading `.payload` copies it again
+    (a few hundred kB a group); here the payload is a view of the received bytes. Anything
+    but the two known length-delimited fields (unknown fields, a truncated or over-long
+    length, a group id that is not UTF-8) goes to protobuf itself, so what is accepted, and
+    what raises (gRPC then fails the call with INTERNAL), is exactly what protobuf decides.
+    """
+    n, pos = len(data), 0
+    gid, payload = b"", memoryview(data)[0:0]
+    while pos < n:
+        tag = data[pos]
+        if tag not in (_GROUP_ID_TAG, _PAYLOAD_TAG):
+            return _parse_slow(data)
+        length, pos = _varint(data, pos + 1)
+        if length < 0 or pos + length > n:
+            return _parse_slow(data)
+        if tag == _GROUP_ID_TAG:
+            gid = data[pos:pos + length]
+        else:
+            payload = memoryview(data)[pos:pos + length]  # a repeated field: the last one wins, as in protobuf
+        pos += length
+    try:
+        return Submission(gid.decode("utf-8"), payload)
+    except UnicodeDecodeError:
+        return _parse_slow(data)
+
+
+def _varint(data: bytes, pos: int) -> tuple[int, int]:
+    """(value, position after it) of the varint at `pos`; value -1 if it is cut off or longer than 5 bytes."""
+    value, shift = 0, 0
+    for i in range(pos, min(pos + 5, len(data))):  # 5 bytes hold any length a message can have (< 2 GiB)
+        b = data[i]
+        value |= (b & 0x7F) << shift
+        if b < 0x80:
+            return value, i + 1
+        shift += 7
+    return -1, pos
+
+
+def _parse_slow(data: bytes) -> Submission:
+    msg = pb.GroupMessage.FromString(data)
+    return Submission(msg.group_id, msg.payload)
 
 
 def _service_handler(s: "LearnerServer") -> grpc.GenericRpcHandler:
@@ -191,7 +245,7 @@ def _service_handler(s: "LearnerServer") -> grpc.GenericRpcHandler:
     same protobuf the generated stubs read."""
     return grpc.method_handlers_generic_handler(SERVICE.full_name, {
         "SubmitGroups": grpc.stream_unary_rpc_method_handler(
-            lambda requests, context: s._submit(requests), request_deserializer=pb.GroupMessage.FromString,
+            lambda requests, context: s._submit(requests), request_deserializer=parse_group_message,
             response_serializer=pb.SubmitReply.SerializeToString),
         "WatchWeights": grpc.unary_stream_rpc_method_handler(
             s._watch, request_deserializer=pb.WatchRequest.FromString, response_serializer=None),
@@ -325,7 +379,7 @@ class LearnerServer:
         self.buffer.load_state_dict(state["buffer"])
 
     # ---- RPC bodies
-    def _submit(self, messages: Iterator[pb.GroupMessage]) -> pb.SubmitReply:
+    def _submit(self, messages: Iterator[Submission]) -> pb.SubmitReply:
         acks = []
         block = self.cfg.submit_block_s
         for msg in messages:
@@ -335,7 +389,7 @@ class LearnerServer:
             acks.append(ack)
         return pb.SubmitReply(acks=acks)
 
-    def _admit(self, msg: pb.GroupMessage, block: float) -> pb.Ack:
+    def _admit(self, msg: Submission, block: float) -> pb.Ack:
         version = self._version
         limits = Limits(self.cfg.group_size, version, self.cfg.vocab_size, self.cfg.image_token_id)
         group, err = decode_group(msg.payload, limits, msg.group_id)

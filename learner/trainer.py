@@ -346,6 +346,7 @@ class Trainer:
 
     def _finish(self, metrics: dict[str, Any], t0: float, skipped: bool) -> dict[str, Any]:
         metrics["skipped"] = int(skipped)
+        metrics.setdefault("tokens_per_s", 0.0)  # a skipped step trained nothing
         metrics["step"] = self.step
         metrics["version"] = self.version
         metrics["time/checkpoint_s"] = 0.0

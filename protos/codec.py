@@ -12,7 +12,7 @@ import dataclasses
 import math
 import threading
 from pathlib import Path
-from typing import Any, Iterable, Iterator, Union
+from typing import Any, Callable, Iterable, Iterator, Union
 
 import msgpack
 import numpy as np
@@ -161,6 +161,23 @@ def dumps(rec: Record) -> bytes:
     out = packer.pack(to_map(rec))
     if len(out) <= _KEEP_PACKER_BYTES:  # do not pin a huge buffer (inline pixels) to the thread
         _local.packer = packer
+    return out
+
+
+def dumps_framed(rec: Record, head: Callable[[int], bytes]) -> bytes:
+    """head(n) + dumps(rec), where n = len(dumps(rec)), with a single copy of the encoded bytes.
+
+    For a transport that puts a length-prefixed header before the record (a protobuf field):
+    `head + dumps(rec)` would copy the payload twice, out of the packer and into the join.
+    """
+    packer = getattr(_local, "framer", None) or msgpack.Packer(use_bin_type=True, autoreset=False)
+    _local.framer = None  # as in dumps: a failed pack must not leave a half-written buffer behind
+    packer.pack(to_map(rec))
+    with packer.getbuffer() as body:
+        out = b"".join((head(len(body)), body))
+    packer.reset()
+    if len(out) <= _KEEP_PACKER_BYTES:
+        _local.framer = packer
     return out
 
 

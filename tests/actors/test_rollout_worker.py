@@ -83,3 +83,35 @@ def test_weft_rollout_cli(tiny_dir, data_dir, tmp_path):
     assert summary["groups"] == 2 and summary["trajectories"] == len(trajs) == 4
     assert summary["generated_tokens"] == int(sum(t.loss_mask.sum() for t in trajs)) > 0
     assert all(np.isfinite(t.behavior_logprobs).all() for t in trajs)
+
+
+def test_rollout_worker_attaches_to_a_running_learner_and_leaves(tiny_dir, data_dir):
+    """`weft rollout-worker --learner HOST:PORT`: a worker outside any driver takes the learner's current
+    weights before its first group, submits its groups over gRPC, and disconnects cleanly."""
+    import asyncio
+    import time
+
+    from actors.rollout_worker import attach
+    from configs import load_config
+    from env import load_tasks
+    from learner.server import LearnerServer
+    from learner.weights import named_weights
+    from models.hf import load_hf_model
+
+    cfg = load_config(None, ["rollout.group_size=2", "rollout.max_tokens_per_turn=24", "rollout.max_model_len=4096",
+                             "rollout.max_context_tokens=4096", "rollout.concurrent_groups=1", "env.max_turns=2",
+                             "env.overview_frames=2", "learner.group_size=2"])
+    server = LearnerServer(cfg.learner).start()
+    try:
+        server.publish(3, named_weights(load_hf_model(tiny_dir, "float32")))  # a learner already at version 3
+        out = asyncio.run(attach(cfg, str(tiny_dir), load_tasks(data_dir / "tasks.jsonl"), server.address, groups=2))
+        assert out["acks"] == {"ACCEPTED": 2} and out["version"] == 3, out
+        groups = server.get_batch(2, timeout=5)
+        versions = {int(v) for g in groups for t in g.trajectories for v in t.policy_version[t.loss_mask.astype(bool)]}
+        assert versions == {3}, versions  # no group was sampled from the stale base weights
+        deadline = time.monotonic() + 10
+        while server.status().subscribers and time.monotonic() < deadline:  # it left: no weight stream open
+            time.sleep(0.1)
+        assert server.status().subscribers == 0
+    finally:
+        server.stop()

@@ -168,6 +168,28 @@ def test_full_buffer_slows_the_submitter_until_the_trainer_takes_a_batch(make_se
     assert server.status().counters["retry_later"] == 0
 
 
+def test_groups_are_admitted_while_the_stream_is_open_and_a_cut_stream_leaves_the_server_serving(make_server):
+    server = make_server()
+    first, later = good(), good()
+    gate = threading.Event()
+
+    def messages():
+        yield pb.GroupMessage(group_id=first.group_id, payload=dumps(first))
+        gate.wait(10)  # the stream stays open, then the client cuts it
+
+    with grpc.insecure_channel(server.address) as ch:
+        call = pb_grpc.LearnerServiceStub(ch).SubmitGroups.future(messages(), timeout=10)
+        deadline = time.monotonic() + 10
+        while len(server.buffer) < 1 and time.monotonic() < deadline:
+            time.sleep(0.02)
+        assert len(server.buffer) == 1  # admitted as it arrived, not when the stream ended
+        call.cancel()
+        gate.set()
+    with client(server) as c:
+        assert [a.kind for a in c.submit([later, first])] == [pb.ACCEPTED, pb.DUPLICATE]
+    assert [g.group_id for g in server.get_batch(2, timeout=5)] == [first.group_id, later.group_id]
+
+
 def test_retry_later_hint_is_honoured_nothing_lost(make_server):
     server = make_server(buffer_capacity=1, submit_block_s=0.05, retry_after_s=0.1)
     a, b = good(), good()

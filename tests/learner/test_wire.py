@@ -9,9 +9,11 @@ import numpy as np
 import pytest
 import torch
 
-from actors.learner_client import _assemble
+from google.protobuf.message import DecodeError
+
+from actors.learner_client import _assemble, encode_group, group_message
 from configs.schema import LearnerConfig
-from learner.server import LearnerServer, _service_handler, build_snapshot
+from learner.server import LearnerServer, _service_handler, build_snapshot, parse_group_message
 from learner.validate import REASONS, Limits, reason_of, validate, validate_group
 from protos import learner_pb2 as pb
 from protos import learner_pb2_grpc  # noqa: F401 - importable as protos.learner_pb2_grpc
@@ -55,6 +57,47 @@ def test_group_message_carries_the_codec_payload():
     assert back.group_id == g.group_id and [t.traj_id for t in back.trajectories] == [t.traj_id for t in g.trajectories]
     for a, b in zip(g.trajectories, back.trajectories):
         assert np.array_equal(a.token_ids, b.token_ids) and np.array_equal(a.behavior_logprobs, b.behavior_logprobs)
+
+
+@pytest.mark.parametrize("payload_len", [0, 1, 127, 128, 16383, 16384, 2**21 + 5])
+@pytest.mark.parametrize("group_id", ["", "g", "gé-" * 50])
+def test_hand_serialized_group_message_is_protobufs_bytes(group_id, payload_len):
+    payload = os.urandom(payload_len)
+    want = pb.GroupMessage(group_id=group_id, payload=payload).SerializeToString()
+    assert group_message(group_id, payload) == want
+    got = parse_group_message(want)
+    assert got.group_id == group_id and bytes(got.payload) == payload
+
+
+def test_encode_group_is_protobufs_bytes_of_the_codec_payload():
+    g = random_group(group_size=3, failed=1)
+    assert encode_group(g) == pb.GroupMessage(group_id=g.group_id, payload=dumps(g)).SerializeToString()
+
+
+def _field(tag: int, value: bytes) -> bytes:
+    return bytes([tag]) + pb.GroupMessage(payload=value).SerializeToString()[1:]  # tag + protobuf's length varint
+
+
+@pytest.mark.parametrize("data", [
+    _field(0x12, b"pay") + _field(0x0A, b"gid"),  # fields out of order
+    _field(0x12, b"first") + _field(0x12, b"last"),  # a repeated field: the last one wins
+    _field(0x0A, b"gid") + b"\x18\x07" + _field(0x12, b"p"),  # an unknown varint field 3
+    _field(0x0A, b"gid") + b"\x12\x85\x80\x80\x80\x00hello",  # a non-minimal length varint
+    _field(0x0A, b"gid") + b"\x12\x09short",  # length past the end
+    _field(0x0A, b"\xff\xfe") + _field(0x12, b"p"),  # group id not UTF-8
+    b"\x12",  # truncated
+    b"\x0a\x80\x80\x80\x80\x80\x80\x80\x80\x80\x80\x01",  # an over-long varint
+    b"",
+])
+def test_parse_group_message_decides_as_protobuf_does(data):
+    try:
+        want = pb.GroupMessage.FromString(data)
+    except DecodeError:
+        with pytest.raises(DecodeError):
+            parse_group_message(data)
+        return
+    got = parse_group_message(data)
+    assert (got.group_id, bytes(got.payload)) == (want.group_id, want.payload)
 
 
 def test_fresh_random_groups_are_valid():
