@@ -70,10 +70,12 @@ def init_ray(cfg: Any) -> None:
     """Join RAY_ADDRESS's cluster if it is set, else start a local one (run.ray_num_cpus CPUs)."""
     import ray
 
+    # Actors' logs reach this terminal; vLLM's per-request INFO lines would drown the progress display.
+    env_vars = {"VLLM_LOGGING_LEVEL": os.environ.get("VLLM_LOGGING_LEVEL", "WARNING")}
     if os.environ.get("RAY_ADDRESS"):
-        ray.init(log_to_driver=True)
+        ray.init(runtime_env={"env_vars": env_vars})
     else:
-        ray.init(num_cpus=cfg.run.ray_num_cpus, include_dashboard=False, log_to_driver=True)
+        ray.init(num_cpus=cfg.run.ray_num_cpus, include_dashboard=False, runtime_env={"env_vars": env_vars})
     log.info("ray: %s", ray.cluster_resources())
 
 

@@ -295,7 +295,6 @@ class Trainer:
             log.warning("dropped trajectory %s", e)
         metrics.update(prepared.counts)
         self.cursor["groups_consumed"] += len(groups)
-        self.cursor["batches"] += 1
         t_prep = time.perf_counter()
         metrics["time/prepare_s"] = t_prep - t0
         if not prepared.samples:
@@ -347,6 +346,10 @@ class Trainer:
     def _finish(self, metrics: dict[str, Any], t0: float, skipped: bool) -> dict[str, Any]:
         metrics["skipped"] = int(skipped)
         metrics.setdefault("tokens_per_s", 0.0)  # a skipped step trained nothing
+        # Counted when the step is over (weights published), not when its batch is taken: the
+        # driver's pacing starts the next step's groups on this count, and groups started before
+        # the new version is out would sample the old weights and come in one version too stale.
+        self.cursor["batches"] += 1
         metrics["step"] = self.step
         metrics["version"] = self.version
         metrics["time/checkpoint_s"] = 0.0

@@ -133,6 +133,8 @@ def test_shortened_demo_learns(demo_sft, tmp_path):
             proc.kill()
     summary = json.loads((run_dir / "summary.json").read_text())
     check_accounting(summary)
+    # The pacing keeps every group within max_staleness: none is dropped as stale, at put or at take.
+    assert summary["groups"]["stale"] == 0 and summary["learner"]["stale_at_take"] == 0, summary
     from learner.metrics import learning_summary, read_metrics
 
     # First 4 vs last 4 of 12 steps: on 2 tasks the tiny model picks up what pays within a few
