@@ -420,7 +420,8 @@ async def attach(cfg: Any, model_dir: str, tasks: list[Task], address: str, grou
             raise ValueError(f"learner wants groups of {status.group_size}, rollout.group_size is {cfg.rollout.group_size}")
         await core.start()
         follow = asyncio.ensure_future(follow_weights(core.engine, client, from_version=core.engine.version))
-        while core.engine.version < status.version - status.max_staleness:  # the learner's weights, first
+        t0 = time.monotonic()  # the learner's current weights before the first group (bounded wait)
+        while core.engine.version < status.version and time.monotonic() - t0 < cfg.rollout.min_version_wait_s:
             await asyncio.sleep(0.05)
         done = 0
         while groups == 0 or done < groups:
