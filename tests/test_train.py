@@ -27,9 +27,7 @@ pytestmark = [pytest.mark.ray, pytest.mark.vllm, pytest.mark.slow]
 def demo_sft(tiny_model_dir, tmp_path_factory):
     """Demo data and the tiny model after the demo's cold-start SFT (configs/demo.yaml), as scripts/demo.sh
     makes them, with 2 tasks instead of 8: with groups_per_step=2 every step then sees both, so the
-    step-to-step noise is not which tasks were drawn, and a short run shows whether GRPO learns them.
-    Half the demo's SFT steps: 60 steps on 2 tasks leave the format term at its ceiling from the
-    first RL step, and the reward too close to its plateau to show a rise in 12 steps."""
+    step-to-step noise is not which tasks were drawn, and a short run shows whether GRPO learns them."""
     from env.demo import make_demo_data
 
     root = tmp_path_factory.mktemp("e2e")
@@ -37,7 +35,7 @@ def demo_sft(tiny_model_dir, tmp_path_factory):
     out = root / "sft"
     subprocess.run([sys.executable, "-m", "weft_cli", "sft", "--model", str(tiny_model_dir), "--data", str(root / "data"),
                     "--config", "configs/demo.yaml", "--out", str(out), "trainer.sft_eval_turns=0",
-                    "trainer.tensorboard=false", "trainer.sft_steps=30"], cwd=ROOT, check=True, capture_output=True, timeout=900)
+                    "trainer.tensorboard=false"], cwd=ROOT, check=True, capture_output=True, timeout=900)
     return root / "data", out
 
 
@@ -139,9 +137,7 @@ def test_shortened_demo_learns(demo_sft, tmp_path):
     assert summary["groups"]["stale"] == 0 and summary["learner"]["stale_at_take"] == 0, summary
     from learner.metrics import learning_summary, read_metrics
 
-    # First 4 vs last 4 of 12 steps. After the shortened SFT the format term has room to grow and
-    # grows steadily (0.03 -> 0.09 in the run we watched); the reward rises with it, more noisily.
-    learn = learning_summary(read_metrics(run_dir), window=4)
-    reward, fmt = learn["reward_mean"], learn["reward/format"]
-    assert fmt["rise"] > 0.01 and fmt["rise_se"] > 2.0, fmt
-    assert reward["rise"] > 0.05 and reward["rise_se"] > 1.0, reward
+    # First 4 vs last 4 of 12 steps: on 2 tasks the tiny model picks up what pays within a few
+    # steps (about 0.55 -> 0.75 in the runs we watched), then levels off.
+    reward = learning_summary(read_metrics(run_dir), window=4)["reward_mean"]
+    assert reward["rise"] > 0.05 and reward["rise_se"] > 1.5, reward
