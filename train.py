@@ -54,11 +54,8 @@ def load_run_config(args: argparse.Namespace) -> Any:
         raise SystemExit("trainer.total_steps must be > 0 for `weft train`")
     if cfg.rollout.group_size != cfg.learner.group_size:
         raise SystemExit(f"rollout.group_size {cfg.rollout.group_size} != learner.group_size {cfg.learner.group_size}")
-    for key in ("model", "data"):  # absolute, so actors on any node (or in a job's working dir) find them
-        if key == "model":
-            cfg.model = str(Path(cfg.model).resolve())
-        else:
-            cfg.data.path = str(Path(cfg.data.path).resolve())
+    # Absolute, so actors on any node (or in a job's working dir) find them.
+    cfg.model, cfg.data.path = str(Path(cfg.model).resolve()), str(Path(cfg.data.path).resolve())
     run_dir = Path(cfg.trainer.run_dir).resolve()
     cfg.trainer.run_dir = str(run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)

@@ -15,6 +15,8 @@ the actor's event loop, where the engine lives).
 from __future__ import annotations
 
 import asyncio
+import logging
+import os
 import random
 import time
 import uuid
@@ -28,6 +30,8 @@ from configs.schema import EnvConfig, RewardConfig, RolloutConfig
 from env.types import Task
 from protos.codec import to_map
 from protos.records import Group, Status, Trajectory
+
+log = logging.getLogger(__name__)
 
 
 class Sink(Protocol):
@@ -315,25 +319,20 @@ class RolloutWorker:
             self._follow = asyncio.ensure_future(self._follow_weights())
 
     async def _follow_weights(self) -> None:
-        import logging
-
         while not self._closing:
             try:
                 await follow_weights(self.core.engine, self.client, from_version=self.core.engine.version)
             except Exception as e:  # noqa: BLE001 - the learner may be restarting; keep trying
                 self._exit_if_engine_dead(e)
                 if not self._closing:
-                    logging.getLogger(__name__).warning("weight stream broke (%s); reconnecting", e)
+                    log.warning("weight stream broke (%s); reconnecting", e)
                     await asyncio.sleep(1.0)
 
     def _exit_if_engine_dead(self, err: BaseException) -> None:
         """A dead vLLM engine cannot be revived in place: end this process so Ray restarts the worker
         with a fresh one (the driver re-runs the groups it held)."""
-        import logging
-        import os
-
         if self.core.engine is not None and self.core.engine.dead and not self._closing:
-            logging.getLogger(__name__).error("engine died (%s): restarting this rollout worker", err)
+            log.error("engine died (%s): restarting this rollout worker", err)
             os._exit(70)
 
     async def _wait_version(self, version: int) -> float:
@@ -438,7 +437,6 @@ async def attach(cfg: Any, model_dir: str, tasks: list[Task], address: str, grou
 
 def main_rollout_worker(args: Any) -> int:
     import json
-    import logging
 
     from configs import load_config
     from env import load_tasks
