@@ -80,6 +80,17 @@ class _ThreadedEpisode:
             self.env.close(self.episode_id)
 
 
+class EpisodeLost(Exception):
+    """The env no longer holds this episode: its EnvActor died and Ray restarted it between two of
+    the episode's calls. Not the policy's fault, so (like a RayActorError) it is not caught as a
+    failed episode: `run_group` records it and the rollout worker runs the group again."""
+
+
+def _check_lost(info: dict) -> None:
+    if info.get("episode_lost"):
+        raise EpisodeLost(info.get("error", "episode lost"))
+
+
 class _ActorEpisode:
     """An EnvActor slot: awaits the actor's ObjectRefs directly (no thread per call)."""
 
@@ -90,10 +101,14 @@ class _ActorEpisode:
         return await self.actor.reset.remote(self.episode_id, task)
 
     async def step(self, action: str):
-        return await self.actor.step.remote(self.episode_id, action)
+        result = await self.actor.step.remote(self.episode_id, action)
+        _check_lost(result[4])
+        return result
 
     async def truncate(self, reason: str):
-        return await self.actor.truncate.remote(self.episode_id, reason)
+        result = await self.actor.truncate.remote(self.episode_id, reason)
+        _check_lost(result[1])
+        return result
 
     async def close(self) -> None:
         await self.actor.close.remote(self.episode_id)

@@ -273,8 +273,9 @@ def summarize_groups(groups: list[Group]) -> dict[str, Any]:
 # ------------------------------------------------------------------ the Ray actor of `weft train`
 
 # Exceptions that mean the env actor hosting an episode died (Ray restarts it): the episode
-# was not the policy's fault, so its group is run again rather than trained on.
-ENV_LOST = frozenset({"RayActorError", "ActorDiedError", "ActorUnavailableError"})
+# was not the policy's fault, so its group is run again rather than trained on. EpisodeLost is
+# the restarted actor saying it has never heard of the episode (it died between two calls).
+ENV_LOST = frozenset({"RayActorError", "ActorDiedError", "ActorUnavailableError", "EpisodeLost"})
 
 
 def env_lost(group: Group) -> list[str]:

@@ -35,13 +35,15 @@ sys.path.insert(0, str(ROOT))
 
 
 def prepare(work: Path) -> tuple[Path, Path]:
-    """Demo data, the tiny model and its demo SFT, as scripts/demo.sh makes them."""
-    data, tiny, sft = work / "data", work / "tiny", work / "sft"
+    """Demo data, the tiny model and its demo SFT (on the cold-start set), as scripts/demo.sh makes them."""
+    from env.demo import DEMO_COLDSTART, DEMO_RL, make_demo_data
+
+    data, cold, tiny, sft = work / "data", work / "coldstart", work / "tiny", work / "sft"
+    make_demo_data(data, **DEMO_RL)
+    make_demo_data(cold, **DEMO_COLDSTART)
     weft = [sys.executable, "-m", "weft_cli"]
-    subprocess.run([*weft, "make-demo-data", "--out", str(data), "--videos", "8", "--seconds", "30"], cwd=ROOT, check=True,
-                   capture_output=True)
     subprocess.run([*weft, "make-tiny-model", "--out", str(tiny)], cwd=ROOT, check=True, capture_output=True)
-    subprocess.run([*weft, "sft", "--model", str(tiny), "--data", str(data), "--config", "configs/demo.yaml",
+    subprocess.run([*weft, "sft", "--model", str(tiny), "--data", str(cold), "--config", "configs/demo.yaml",
                     "--out", str(sft), "trainer.sft_eval_turns=0", "trainer.tensorboard=false"], cwd=ROOT, check=True,
                    capture_output=True)
     return data, sft

@@ -287,6 +287,15 @@ def make_task(index: int, seed: int, seconds: float, fps: float, size: tuple[int
     return task, events, pixel_seed
 
 
+# The demo's two data sets (scripts/demo.sh, bench/e2e.py, tests/test_train.py). The RL tasks and
+# the cold-start SFT set are apart, as in VideoZoomer and VideoThinker: the SFT teaches the action
+# format and tool use on other videos and leaves the RL tasks' answers for GRPO to find. A tiny
+# model cannot read the 1-px digits, so what GRPO can find on these tasks is which option letter
+# pays: seed 13's tasks answer C in 5 of 8, the cold-start set (seed 7) answers each letter twice.
+DEMO_RL = {"videos": 8, "seconds": 30.0, "seed": 13}
+DEMO_COLDSTART = {"videos": 8, "seconds": 12.0, "seed": 7}
+
+
 def make_demo_data(out_dir: str | Path, videos: int = 8, seconds: float = 60.0, seed: int = 0,
                    fps: float = 10.0, size: tuple[int, int] = (640, 360), gop: int = 250) -> Path:
     """Write `videos` mp4s under out_dir/videos and out_dir/tasks.jsonl; return the jsonl path."""

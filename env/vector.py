@@ -42,9 +42,11 @@ class VectorVideoEnv:
     def step(self, episode_id: str, action: str) -> StepResult:
         with self._lock:
             env = self._envs.get(episode_id)
-        if env is None:
+        if env is None:  # never reset here, or this process restarted since: the episode's state is gone
             COUNTERS["unknown_episode"] += 1
-            return Observation(f"error: no episode {episode_id!r} (reset it first)"), 0.0, True, False, {"status": "FAILED"}
+            error = f"no episode {episode_id!r} in this env (reset it first; a restarted env actor has none)"
+            return Observation(f"error: {error}"), 0.0, True, False, {"status": "FAILED", "error": error,
+                                                                       "episode_lost": True}
         result = env.step(action)
         if result[2] or result[3]:
             self.close(episode_id)
@@ -61,7 +63,10 @@ class VectorVideoEnv:
         """End an episode from outside and score it as TRUNCATED."""
         with self._lock:
             env = self._envs.pop(episode_id, None)
-        return env.truncate(reason) if env is not None else (0.0, {"status": "FAILED"})
+        if env is None:
+            COUNTERS["unknown_episode"] += 1
+            return 0.0, {"status": "FAILED", "error": f"no episode {episode_id!r} in this env", "episode_lost": True}
+        return env.truncate(reason)
 
     def reset_batch(self, items: Sequence[tuple[str, Task]]) -> list[tuple[Observation, dict]]:
         return self._map(lambda it: self.reset(it[0], it[1]), items)

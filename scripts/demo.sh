@@ -9,10 +9,14 @@ DATA=${DATA:-data/demo}
 RUN=${RUN:-runs/demo-$(date +%Y%m%d-%H%M%S)}
 WEFT=.venv/bin/weft
 t0=$(date +%s)
-$WEFT make-demo-data --out "$DATA" --videos 8 --seconds 30 --seed 0
+# The RL tasks, and a separate cold-start set for the SFT (as VideoZoomer and VideoThinker keep
+# their SFT data apart from their RL data): the SFT teaches the action format and tool use, and
+# leaves the RL tasks' answers for GRPO to find.
+$WEFT make-demo-data --out "$DATA" --videos 8 --seconds 30 --seed 13
+$WEFT make-demo-data --out "$DATA/coldstart" --videos 8 --seconds 12 --seed 7
 $WEFT check-env --data "$DATA" --policy oracle --episodes 8 --check --config configs/demo.yaml | tail -c 300; echo
 [ -f "$DATA/tiny/config.json" ] || $WEFT make-tiny-model --out "$DATA/tiny" --seed 0
-[ -f "$DATA/tiny-sft/config.json" ] || $WEFT sft --model "$DATA/tiny" --data "$DATA" --config configs/demo.yaml --out "$DATA/tiny-sft"
+[ -f "$DATA/tiny-sft/config.json" ] || $WEFT sft --model "$DATA/tiny" --data "$DATA/coldstart" --config configs/demo.yaml --out "$DATA/tiny-sft"
 $WEFT train --config configs/demo.yaml --model "$DATA/tiny-sft" --run-dir "$RUN" data.path="$DATA/tasks.jsonl" "$@"
 $WEFT view "$RUN" --out "$RUN/view.html"
 echo "demo finished in $(( $(date +%s) - t0 )) s: run dir $RUN, viewer page $RUN/view.html"

@@ -25,15 +25,19 @@ pytestmark = [pytest.mark.ray, pytest.mark.vllm, pytest.mark.slow]
 
 @pytest.fixture(scope="module")
 def demo_sft(tiny_model_dir, tmp_path_factory):
-    """Demo data and the tiny model after the demo's cold-start SFT (configs/demo.yaml), as scripts/demo.sh
-    makes them, with 2 tasks instead of 8: with groups_per_step=2 every step then sees both, so the
-    step-to-step noise is not which tasks were drawn, and a short run shows whether GRPO learns them."""
-    from env.demo import make_demo_data
+    """The tiny model after the demo's cold-start SFT (configs/demo.yaml, on the demo's cold-start set,
+    as scripts/demo.sh makes it), and an RL set of 2 tasks instead of 8: with groups_per_step=2 every
+    step sees both, so the step-to-step noise is not which tasks were drawn. Both tasks answer C
+    (seed 2): a tiny model cannot read the digits, so what GRPO can learn here is which option
+    letter pays; the SFT model picks C in about a third of its episodes (it leans to B), so the
+    rise is there to be found and the test fails if the loop does not find it."""
+    from env.demo import DEMO_COLDSTART, make_demo_data
 
     root = tmp_path_factory.mktemp("e2e")
-    make_demo_data(root / "data", videos=2, seconds=20, seed=7)
+    make_demo_data(root / "data", videos=2, seconds=20, seed=2)
+    make_demo_data(root / "coldstart", **DEMO_COLDSTART)
     out = root / "sft"
-    subprocess.run([sys.executable, "-m", "weft_cli", "sft", "--model", str(tiny_model_dir), "--data", str(root / "data"),
+    subprocess.run([sys.executable, "-m", "weft_cli", "sft", "--model", str(tiny_model_dir), "--data", str(root / "coldstart"),
                     "--config", "configs/demo.yaml", "--out", str(out), "trainer.sft_eval_turns=0",
                     "trainer.tensorboard=false"], cwd=ROOT, check=True, capture_output=True, timeout=900)
     return root / "data", out
@@ -59,6 +63,14 @@ def finish(proc: subprocess.Popen, log: Path, timeout: float) -> None:
     assert rc == 0, f"train.py exited {rc}; log tail:\n{log.read_text(errors='replace')[-6000:]}"
 
 
+def pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
+    except (ProcessLookupError, FileNotFoundError):
+        return False
+
+
 def steps_logged(run_dir: Path) -> int:
     path = run_dir / "metrics.jsonl"
     if not path.is_file():
@@ -72,6 +84,25 @@ def ray_pids(title: str) -> list[int]:
     out = subprocess.run(["ps", "-eo", "pid,args"], capture_output=True, text=True).stdout
     return [int(line.split(None, 1)[0]) for line in out.splitlines()[1:]
             if line.split(None, 1)[1].startswith(f"ray::{title}")]
+
+
+def cpu_seconds(pid: int) -> float:
+    """User + system CPU seconds a process has used so far (/proc/PID/stat, clock ticks)."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def busy_worker(pids: list[int], deadline: float) -> int:
+    """The rollout worker that is generating right now (burning CPU), so that killing it loses a
+    group in flight: one that is idle between groups (the learner paces them) would lose nothing."""
+    while time.monotonic() < deadline:
+        before = {p: cpu_seconds(p) for p in pids}
+        time.sleep(0.5)
+        used = {p: cpu_seconds(p) - before[p] for p in pids}
+        pid = max(used, key=used.get)
+        if used[pid] > 0.1:
+            return pid
+    raise AssertionError(f"no rollout worker busy before the deadline: {pids}")
 
 
 def check_accounting(summary: dict) -> None:
@@ -100,9 +131,9 @@ def test_killed_rollout_worker_and_env_actor_run_finishes_with_every_group_accou
             time.sleep(1)
         envs, workers = ray_pids("EnvActor"), ray_pids("RolloutWorker")
         assert len(envs) == 1 and len(workers) == 2, (envs, workers)
-        os.kill(envs[0], signal.SIGKILL)
-        time.sleep(2)
-        os.kill(workers[0], signal.SIGKILL)
+        os.kill(busy_worker(workers, deadline), signal.SIGKILL)  # its group in flight is lost
+        busy_worker([w for w in workers if pid_alive(w)], deadline)  # the other one is mid-group
+        os.kill(envs[0], signal.SIGKILL)  # ... and its episodes lose their env
         finish(proc, log, timeout=900)
     finally:
         if proc.poll() is None:
@@ -137,7 +168,11 @@ def test_shortened_demo_learns(demo_sft, tmp_path):
     assert summary["groups"]["stale"] == 0 and summary["learner"]["stale_at_take"] == 0, summary
     from learner.metrics import learning_summary, read_metrics
 
-    # First 4 vs last 4 of 12 steps: on 2 tasks the tiny model picks up what pays within a few
-    # steps (about 0.55 -> 0.75 in the runs we watched), then levels off.
-    reward = learning_summary(read_metrics(run_dir), window=4)["reward_mean"]
-    assert reward["rise"] > 0.05 and reward["rise_se"] > 1.5, reward
+    # First 4 vs last 4 of 12 steps. In the runs we watched the accuracy went 0.31 -> 0.88 within 9
+    # steps (reward 0.55 -> 1.25): the policy moves to the letter that pays on both tasks.
+    learned = learning_summary(read_metrics(run_dir), window=4)
+    reward, accuracy = learned["reward_mean"], learned["accuracy"]
+    assert reward["rise"] > 0.15 and reward["rise_se"] > 2.0, learned
+    assert accuracy["rise"] > 0.1 and learned["reward/tool"]["rise"] > 0.02, learned
+    # ... without giving up the action format the SFT taught (it is near its 0.2 ceiling from the start).
+    assert learned["reward/format"]["last_mean"] > learned["reward/format"]["first_mean"] - 0.02, learned

@@ -31,3 +31,36 @@ def test_env_actor_passes_check_env(ray_cluster, demo_tasks):
     recs = [run_episode(RemoteEpisodeEnv(handle, cfg), t, OraclePolicy(locate, read)) for t in demo_tasks]
     assert sum(r.correct for r in recs) >= 0.95 * len(recs)
     assert handle.stats()["open_episodes"] == open_before  # finished episodes are closed in the actor
+
+
+@pytest.mark.ray
+def test_episode_on_a_restarted_env_actor_is_lost_not_failed(ray_cluster, demo_tasks):
+    """An EnvActor killed between two calls of an episode comes back (max_restarts) without the
+    episode: the next step raises EpisodeLost, which the rollout worker counts as env_lost and
+    runs again, instead of training on a FAILED episode that was not the policy's fault."""
+    import asyncio
+
+    from actors.agent_loop import EpisodeLost, episode_env
+    from actors.env_actor import EnvActor
+    from actors.rollout_worker import ENV_LOST
+
+    handle = EnvHandle(EnvActor.options(max_restarts=1, max_task_retries=0).remote(EnvConfig()))
+
+    async def episode() -> None:
+        slot = episode_env(handle, "g:0")
+        obs, info = await slot.reset(demo_tasks[0])
+        assert obs.frames and info.get("status") != "FAILED"
+        ray.kill(handle.actor, no_restart=False)
+        for _ in range(100):  # until the restarted actor answers
+            try:
+                assert await handle.actor.ping.remote() == "pong"
+                break
+            except ray.exceptions.RayActorError:
+                await asyncio.sleep(0.1)
+        with pytest.raises(EpisodeLost, match="no episode"):
+            await slot.step('<tool_call>{"name": "get_frame", "arguments": {"t": 1.0}}</tool_call>')
+        with pytest.raises(EpisodeLost):
+            await slot.truncate("budget")
+
+    asyncio.run(episode())
+    assert "EpisodeLost" in ENV_LOST
