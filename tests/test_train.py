@@ -155,8 +155,9 @@ def test_shortened_demo_learns(demo_sft, tmp_path):
     """The demo's GRPO phase, shortened: the mean reward rises from the first to the last steps."""
     data, model = demo_sft
     run_dir = tmp_path / "run"
+    # Twice the demo's learning rate: the demo spreads its rise over 30 steps, this run has 12.
     proc, log, _ = start_train(run_dir, data, model, "trainer.total_steps=12", "trainer.checkpoint_every=0",
-                               "trainer.sample_every=0")
+                               "trainer.sample_every=0", "trainer.lr=5e-5")
     try:
         finish(proc, log, timeout=900)
     finally:
