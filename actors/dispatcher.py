@@ -77,6 +77,10 @@ class Dispatcher:
         self.running: dict[str, tuple[Item, int]] = {}  # group id -> (item, worker id)
         self.counts: collections.Counter = collections.Counter()
         self.probing: dict[str, set[int]] = {"workers": set(), "envs": set()}
+        # Incarnation ids each actor has answered with (actors.env_actor.incarnation). Ray restarts
+        # an actor in the background, and calls made while it restarts wait rather than fail, so
+        # the manager may never see one down: a new id made by a restart is how one is counted.
+        self.incarnations: dict[tuple[str, int], set[str]] = collections.defaultdict(set)
         self.last_probe = 0.0
         self.progress: dict[str, Any] = {}
         self.created = 0
@@ -155,11 +159,12 @@ class Dispatcher:
     def _collect(self, timeout: float) -> None:
         for r in self.workers.fetch_ready_async_reqs(timeout_seconds=timeout, mark_healthy=True):
             if r.tag in ("probe", "health"):
-                self.probing["workers"].discard(r.actor_id)
+                self._pinged("workers", r)
                 continue
             item, _ = self.running.pop(r.tag)
             if r.ok:
                 out = r.get()
+                self._saw("workers", r.actor_id, out.get("incarnation"))
                 self._record(item, out["outcome"], out.get("reason", ""), out)
             else:
                 err = r.get()
@@ -203,7 +208,24 @@ class Dispatcher:
 
     def _collect_env_pings(self) -> None:
         for r in self.envs.fetch_ready_async_reqs(timeout_seconds=0, mark_healthy=True):
-            self.probing["envs"].discard(r.actor_id)
+            self._pinged("envs", r)
+
+    def _pinged(self, pool: str, r: Any) -> None:
+        self.probing[pool].discard(r.actor_id)
+        if r.ok:
+            self._saw(pool, r.actor_id, r.get())
+
+    def _saw(self, pool: str, actor_id: int, incarnation: Any) -> None:
+        """An answer from `actor_id` of `pool` carrying its (id, restarted) incarnation."""
+        if not isinstance(incarnation, (tuple, list)) or len(incarnation) != 2:
+            return
+        uid, restarted = incarnation
+        seen = self.incarnations[(pool, actor_id)]
+        if uid not in seen:
+            seen.add(uid)
+            if restarted:
+                self.counts[f"restarts/{pool}"] += 1
+                log.warning("%s actor %d is back after a restart", pool[:-1], actor_id)
 
     # ---- reporting
     def snapshot(self) -> dict[str, Any]:
@@ -211,7 +233,7 @@ class Dispatcher:
         return {**p, "workers_alive": self.workers.num_healthy_actors(), "workers": self.workers.num_actors(),
                 "envs_alive": self.envs.num_healthy_actors(), "envs": self.envs.num_actors(),
                 "running": len(self.running), "queued": len(self.queue), "counts": dict(self.counts),
-                "restarts": self.workers.total_num_restarts() + self.envs.total_num_restarts()}
+                "restarts": self.counts["restarts/workers"] + self.counts["restarts/envs"]}
 
     def accounting(self) -> dict[str, Any]:
         """Where every item went. created == sum of FINAL outcomes + abandoned + pending."""
@@ -219,5 +241,5 @@ class Dispatcher:
         return {"created": self.created, **{k: c[k] for k in FINAL}, "abandoned": c["abandoned"],
                 "pending": c["pending"], "dispatched": c["dispatched"],
                 "reruns": {k: c[f"rerun/{k}"] for k in RERUN},
-                "worker_restarts": self.workers.total_num_restarts(), "env_restarts": self.envs.total_num_restarts(),
+                "worker_restarts": self.counts["restarts/workers"], "env_restarts": self.counts["restarts/envs"],
                 "generated_tokens": c["generated_tokens"], "crossed_versions": c["crossed_versions"]}

@@ -19,10 +19,23 @@ from env.types import Observation, Task
 from env.vector import VectorVideoEnv
 
 
+def incarnation() -> tuple[str, bool]:
+    """(a new id for this actor process, whether Ray restarted the actor to make it), from inside an
+    actor's constructor. The driver counts restarts from these (see Dispatcher._saw): calls made
+    while Ray restarts an actor wait for it rather than fail, so a restart is not always seen as a
+    failed call."""
+    try:
+        restarted = bool(ray.get_runtime_context().was_current_actor_reconstructed)
+    except Exception:  # noqa: BLE001 - not inside an actor (a test building the class directly)
+        restarted = False
+    return uuid.uuid4().hex, restarted
+
+
 @ray.remote(num_cpus=0.25, max_concurrency=16)
 class EnvActor:
     def __init__(self, cfg: Optional[EnvConfig] = None, reward_cfg: Optional[RewardConfig] = None):
         self.venv = VectorVideoEnv(cfg, reward_cfg)
+        self.incarnation = incarnation()
 
     def reset(self, episode_id: str, task: Task, seed: Optional[int] = None) -> tuple[Observation, dict]:
         return self.venv.reset(episode_id, task, seed)
@@ -51,8 +64,9 @@ class EnvActor:
     def tool_schemas(self) -> list[dict]:
         return self.venv.tool_schemas()
 
-    def ping(self) -> str:
-        return "pong"
+    def ping(self) -> tuple[str, bool]:
+        """This process's incarnation (a restarted actor answers a new one)."""
+        return self.incarnation
 
     def apply(self, func: Any, *args: Any, **kwargs: Any) -> Any:
         """Run `func(self, ...)`: the call RLlib's FaultTolerantActorManager makes (health pings)."""

@@ -293,7 +293,7 @@ class RolloutWorker:
     call from the driver goes through `apply` (RLlib's FaultTolerantActorManager protocol)."""
 
     def __init__(self, model_dir: str, cfg: Any, learner_address: str, env_actors: list, worker_id: str = ""):
-        from actors.env_actor import EnvHandle
+        from actors.env_actor import EnvHandle, incarnation
         from actors.learner_client import LearnerClient
 
         self.cfg = cfg
@@ -303,16 +303,17 @@ class RolloutWorker:
         self.client = LearnerClient.from_config(cfg.learner, address=learner_address)
         self._follow: Optional[asyncio.Task] = None
         self._closing = False
+        self.incarnation = incarnation()  # how the driver counts restarts
 
     async def apply(self, func: Any, *args: Any, **kwargs: Any) -> Any:
         out = func(self, *args, **kwargs)
         return await out if asyncio.iscoroutine(out) else out
 
-    async def ping(self) -> str:
-        """Answers once the engine is up and following the learner's weights (a restarted worker is
-        taken back into service only then)."""
+    async def ping(self) -> tuple[str, bool]:
+        """This process's incarnation, once the engine is up and following the learner's weights
+        (a restarted worker is taken back into service only then, and answers a new id)."""
         await self._ready()
-        return "pong"
+        return self.incarnation
 
     async def _ready(self) -> None:
         await self.core.start()
@@ -356,11 +357,12 @@ class RolloutWorker:
         except Exception as e:  # noqa: BLE001 - sorted below: env actor lost, engine dead, or a bug
             self._exit_if_engine_dead(e)
             if type(e).__name__ in ENV_LOST:  # e.g. the env actor died before the episodes began
-                return {"group_id": item["group_id"], "outcome": "env_lost", "reason": f"{type(e).__name__}: {e}"}
+                return {"group_id": item["group_id"], "outcome": "env_lost", "reason": f"{type(e).__name__}: {e}",
+                        "incarnation": self.incarnation}
             raise
         self._exit_if_engine_dead(RuntimeError("engine died during the group"))  # its episodes hold no data
         out = {"group_id": group.group_id, "worker": self.core.worker_id, "version_wait_s": waited,
-               **group_numbers(group)}
+               "incarnation": self.incarnation, **group_numbers(group)}
         lost = env_lost(group)
         if lost:
             return {**out, "outcome": "env_lost", "reason": lost[0]}

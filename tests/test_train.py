@@ -175,5 +175,6 @@ def test_shortened_demo_learns(demo_sft, tmp_path):
     reward, accuracy = learned["reward_mean"], learned["accuracy"]
     assert reward["rise"] > 0.15 and reward["rise_se"] > 2.0, learned
     assert accuracy["rise"] > 0.1 and learned["reward/tool"]["rise"] > 0.02, learned
-    # ... without giving up the action format the SFT taught (it is near its 0.2 ceiling from the start).
-    assert learned["reward/format"]["last_mean"] > learned["reward/format"]["first_mean"] - 0.02, learned
+    # ... without giving up the action format the SFT taught (0.2 is its ceiling; a collapse, as seen
+    # once from a weaker SFT, took it below 0).
+    assert learned["reward/format"]["last_mean"] > 0.1, learned

@@ -63,13 +63,16 @@ class FakeWorker:
 
     def __init__(self, learner, die_file: str = ""):
         self.learner, self.die_file, self.n = learner, die_file, 0
+        from actors.env_actor import incarnation
+
+        self.incarnation = incarnation()  # as the real actors
 
     async def apply(self, func, *args, **kwargs):
         out = func(self, *args, **kwargs)
         return await out if hasattr(out, "__await__") else out
 
     async def ping(self):
-        return "pong"
+        return self.incarnation
 
     async def run_item(self, item):
         import asyncio
@@ -80,7 +83,7 @@ class FakeWorker:
             os._exit(1)
         await asyncio.sleep(0.01)
         outcome = await self.learner.submit.remote(item["group_id"], item["min_version"])
-        return {"outcome": outcome, "generated_tokens": 1}
+        return {"outcome": outcome, "generated_tokens": 1, "incarnation": self.incarnation}
 
 
 @pytest.fixture(scope="module")
@@ -114,6 +117,7 @@ def run(staleness: int, steps: int, die_file: str = "", workers: int = 2):
 
     acct = d.run(steps, on_tick=tick)
     progress, violations = ray.get(learner.report.remote())
+    run.dispatcher = d  # for tests that look further
     return acct, progress, violations, peak
 
 
@@ -136,6 +140,16 @@ def test_a_worker_that_dies_mid_group_is_restarted_and_its_groups_run_again(clus
     acct, progress, violations, _ = run(staleness=1, steps=8, die_file=str(tmp_path / "died"))
     assert (tmp_path / "died").exists()
     assert acct["reruns"]["worker_lost"] >= 1
+    # The run may end before Ray has the worker back; once its new incarnation answers a probe,
+    # the driver counts one restart.
+    d = run.dispatcher
+    for _ in range(100):
+        if d.accounting()["worker_restarts"]:
+            break
+        d.last_probe = 0.0
+        d._probe()
+        d._collect(0.1)
+    assert d.accounting()["worker_restarts"] == 1
     ends = sum(acct[k] for k in ("accepted", "duplicate", "stale", "rejected", "given_up", "abandoned", "pending"))
     assert ends == acct["created"]
     assert progress["accepted"] == acct["accepted"]  # each group id accepted once

@@ -50,13 +50,19 @@ def test_episode_on_a_restarted_env_actor_is_lost_not_failed(ray_cluster, demo_t
         slot = episode_env(handle, "g:0")
         obs, info = await slot.reset(demo_tasks[0])
         assert obs.frames and info.get("status") != "FAILED"
+        before = await handle.actor.ping.remote()
         ray.kill(handle.actor, no_restart=False)
-        for _ in range(100):  # until the restarted actor answers
+        for _ in range(300):  # until the restarted actor answers, with a new incarnation id
             try:
-                assert await handle.actor.ping.remote() == "pong"
-                break
+                after = await handle.actor.ping.remote()
+                if after != before:
+                    assert before[1] is False and after[1] is True  # what the driver counts restarts by
+                    break
             except ray.exceptions.RayActorError:
-                await asyncio.sleep(0.1)
+                pass
+            await asyncio.sleep(0.1)
+        else:
+            pytest.fail("the env actor did not come back")
         with pytest.raises(EpisodeLost, match="no episode"):
             await slot.step('<tool_call>{"name": "get_frame", "arguments": {"t": 1.0}}</tool_call>')
         with pytest.raises(EpisodeLost):
