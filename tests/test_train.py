@@ -134,6 +134,11 @@ def test_killed_rollout_worker_and_env_actor_run_finishes_with_every_group_accou
         os.kill(busy_worker(workers, deadline), signal.SIGKILL)  # its group in flight is lost
         busy_worker([w for w in workers if pid_alive(w)], deadline)  # the other one is mid-group
         os.kill(envs[0], signal.SIGKILL)  # ... and its episodes lose their env
+        # Ray restarts both in new processes. (The driver counts a worker's restart only once its new
+        # engine is up and answers; the run may end before that, so the test looks at the processes.)
+        while not (set(ray_pids("RolloutWorker")) - set(workers) and set(ray_pids("EnvActor")) - set(envs)):
+            assert time.monotonic() < deadline and proc.poll() is None, "no restarted worker and env actor"
+            time.sleep(0.5)
         finish(proc, log, timeout=900)
     finally:
         if proc.poll() is None:
@@ -143,7 +148,7 @@ def test_killed_rollout_worker_and_env_actor_run_finishes_with_every_group_accou
     check_accounting(summary)
     g = summary["groups"]
     assert g["reruns"]["worker_lost"] + g["reruns"]["env_lost"] >= 1, g
-    assert g["worker_restarts"] >= 1 and g["env_restarts"] >= 1, g
+    assert g["env_restarts"] == 1 and g["worker_restarts"] <= 1, g  # the env actor is back within a second
     rows = [json.loads(x) for x in (run_dir / "metrics.jsonl").read_text().splitlines()]
     for key in ("step", "version", "reward_mean", "accuracy", "staleness_mean", "tokens_per_s"):
         assert all(key in r for r in rows), key
