@@ -217,7 +217,7 @@ class Dispatcher:
 
     def _saw(self, pool: str, actor_id: int, incarnation: Any) -> None:
         """An answer from `actor_id` of `pool` carrying its (id, restarted) incarnation."""
-        if not isinstance(incarnation, (tuple, list)) or len(incarnation) != 2:
+        if incarnation is None:  # an answer without one (a stand-in actor)
             return
         uid, restarted = incarnation
         seen = self.incarnations[(pool, actor_id)]

@@ -42,11 +42,9 @@ class VectorVideoEnv:
     def step(self, episode_id: str, action: str) -> StepResult:
         with self._lock:
             env = self._envs.get(episode_id)
-        if env is None:  # never reset here, or this process restarted since: the episode's state is gone
-            COUNTERS["unknown_episode"] += 1
-            error = f"no episode {episode_id!r} in this env (reset it first; a restarted env actor has none)"
-            return Observation(f"error: {error}"), 0.0, True, False, {"status": "FAILED", "error": error,
-                                                                       "episode_lost": True}
+        if env is None:
+            info = _lost(episode_id)
+            return Observation(f"error: {info['error']}"), 0.0, True, False, info
         result = env.step(action)
         if result[2] or result[3]:
             self.close(episode_id)
@@ -63,10 +61,7 @@ class VectorVideoEnv:
         """End an episode from outside and score it as TRUNCATED."""
         with self._lock:
             env = self._envs.pop(episode_id, None)
-        if env is None:
-            COUNTERS["unknown_episode"] += 1
-            return 0.0, {"status": "FAILED", "error": f"no episode {episode_id!r} in this env", "episode_lost": True}
-        return env.truncate(reason)
+        return env.truncate(reason) if env is not None else (0.0, _lost(episode_id))
 
     def reset_batch(self, items: Sequence[tuple[str, Task]]) -> list[tuple[Observation, dict]]:
         return self._map(lambda it: self.reset(it[0], it[1]), items)
@@ -98,3 +93,12 @@ class SerialVectorEnv(VectorVideoEnv):
 
     def __init__(self, cfg: Optional[EnvConfig] = None, reward_cfg: Optional[RewardConfig] = None):
         super().__init__(cfg, reward_cfg, threads=0)
+
+
+def _lost(episode_id: str) -> dict:
+    """The info of a step or truncate for an episode this env does not hold: never reset here, or
+    this process was restarted since (its state is gone). `episode_lost` lets the agent loop tell
+    it from an episode that failed on its own."""
+    COUNTERS["unknown_episode"] += 1
+    error = f"no episode {episode_id!r} in this env (reset it first; a restarted env actor has none)"
+    return {"status": "FAILED", "error": error, "episode_lost": True}

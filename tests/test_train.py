@@ -63,11 +63,15 @@ def finish(proc: subprocess.Popen, log: Path, timeout: float) -> None:
     assert rc == 0, f"train.py exited {rc}; log tail:\n{log.read_text(errors='replace')[-6000:]}"
 
 
+def proc_stat(pid: int) -> list[str]:
+    """The fields of /proc/PID/stat after the command name (state is [0], utime [11], stime [12])."""
+    return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+
+
 def pid_alive(pid: int) -> bool:
     try:
-        os.kill(pid, 0)
-        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
-    except (ProcessLookupError, FileNotFoundError):
+        return proc_stat(pid)[0] != "Z"
+    except (FileNotFoundError, ProcessLookupError):  # gone (ESRCH while it is being reaped)
         return False
 
 
@@ -88,7 +92,7 @@ def ray_pids(title: str) -> list[int]:
 
 def cpu_seconds(pid: int) -> float:
     """User + system CPU seconds a process has used so far (/proc/PID/stat, clock ticks)."""
-    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    fields = proc_stat(pid)
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 

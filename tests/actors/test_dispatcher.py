@@ -117,12 +117,11 @@ def run(staleness: int, steps: int, die_file: str = "", workers: int = 2):
 
     acct = d.run(steps, on_tick=tick)
     progress, violations = ray.get(learner.report.remote())
-    run.dispatcher = d  # for tests that look further
-    return acct, progress, violations, peak
+    return acct, progress, violations, peak, d
 
 
 def test_sync_pacing_starts_a_step_only_from_the_newest_weights(cluster):
-    acct, progress, violations, peak = run(staleness=0, steps=10)
+    acct, progress, violations, peak, _ = run(staleness=0, steps=10)
     assert progress["step"] >= 10
     assert violations == []
     assert peak["running"] <= 3  # never more than one step's groups out at once
@@ -130,19 +129,18 @@ def test_sync_pacing_starts_a_step_only_from_the_newest_weights(cluster):
 
 
 def test_async_pacing_runs_ahead_by_at_most_the_staleness_bound(cluster):
-    acct, progress, violations, peak = run(staleness=2, steps=10)
+    acct, progress, violations, peak, _ = run(staleness=2, steps=10)
     assert violations == []
     assert 3 < peak["running"] <= 9  # up to (s + 1) steps of groups in flight or waiting
     assert acct["created"] == acct["accepted"] + acct["abandoned"] + acct["pending"]
 
 
 def test_a_worker_that_dies_mid_group_is_restarted_and_its_groups_run_again(cluster, tmp_path):
-    acct, progress, violations, _ = run(staleness=1, steps=8, die_file=str(tmp_path / "died"))
+    acct, progress, violations, _, d = run(staleness=1, steps=8, die_file=str(tmp_path / "died"))
     assert (tmp_path / "died").exists()
     assert acct["reruns"]["worker_lost"] >= 1
     # The run may end before Ray has the worker back; once its new incarnation answers a probe,
     # the driver counts one restart.
-    d = run.dispatcher
     for _ in range(100):
         if d.accounting()["worker_restarts"]:
             break
