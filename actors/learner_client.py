@@ -18,7 +18,7 @@ import os
 import random
 import threading
 import time
-from typing import Any, Callable, Iterator, Optional, Sequence, TypeVar
+from typing import Any, Callable, Iterator, NamedTuple, Optional, Sequence, TypeVar, Union
 
 import grpc
 import numpy as np
@@ -28,6 +28,7 @@ from configs.schema import LearnerConfig
 from protos import learner_pb2 as pb
 from protos import learner_pb2_grpc as pb_grpc
 from protos.codec import dumps_framed
+from protos.wire import field_head, read_varint
 from protos.records import Group
 
 log = logging.getLogger(__name__)
@@ -82,6 +83,11 @@ class LearnerClient:
         self._submit_groups = self._channel.stream_unary(
             f"/{pb.DESCRIPTOR.services_by_name['LearnerService'].full_name}/SubmitGroups",
             request_serializer=None, response_deserializer=pb.SubmitReply.FromString)
+        # WatchWeights reading each chunk's tensor bytes as a view of the received message
+        # (parse_weight_message) instead of protobuf's two copies.
+        self._watch_weights = self._channel.unary_stream(
+            f"/{pb.DESCRIPTOR.services_by_name['LearnerService'].full_name}/WatchWeights",
+            request_serializer=pb.WatchRequest.SerializeToString, response_deserializer=parse_weight_message)
         self._closed = threading.Event()
 
     @classmethod
@@ -168,8 +174,8 @@ class LearnerClient:
         last, attempt, since = from_version, 0, None
         pool: Optional[dict[str, np.ndarray]] = {} if reuse_buffers else None
         while not self._closed.is_set():
-            call = self._stub.WatchWeights(pb.WatchRequest(from_version=last, announce_only=announce_only),
-                                           metadata=self._metadata)
+            call = self._watch_weights(pb.WatchRequest(from_version=last, announce_only=announce_only),
+                                       metadata=self._metadata)
             try:
                 for version, tensors in _assemble(call, announce_only, pool):
                     last, attempt, since = version, 0, None
@@ -210,15 +216,6 @@ class LearnerClient:
             raise LearnerUnavailable("client closed")
 
 
-def _varint(n: int) -> bytes:
-    out = bytearray()
-    while n >= 0x80:
-        out.append(n & 0x7F | 0x80)
-        n >>= 7
-    out.append(n)
-    return bytes(out)
-
-
 def group_message(group_id: str, payload: bytes) -> bytes:
     """pb.GroupMessage(group_id=..., payload=...).SerializeToString(), byte for byte."""
     return _group_message_head(group_id)(len(payload)) + payload
@@ -238,11 +235,62 @@ def _group_message_head(group_id: str) -> Callable[[int], bytes]:
     """The GroupMessage bytes before a payload of n bytes: fields in number order, empty ones left
     out (protobuf's canonical form; a test compares with SerializeToString)."""
     gid = group_id.encode("utf-8")
-    gid_field = b"\x0a" + _varint(len(gid)) + gid if gid else b""
-    return lambda n: gid_field + (b"\x12" + _varint(n) if n else b"")
+    gid_field = field_head(1, len(gid)) + gid if gid else b""
+    return lambda n: gid_field + (field_head(2, n) if n else b"")
 
 
-def _assemble(messages: Iterator[pb.WeightMessage], announce_only: bool,
+class WeightPiece(NamedTuple):
+    """One WeightMessage: a header, or a chunk's metadata with its tensor bytes apart (often a view)."""
+
+    header: Optional[pb.VersionHeader]
+    chunk: Optional[pb.WeightChunk]  # its `data` field may be empty: the bytes are in `data`
+    data: Union[bytes, memoryview]
+
+
+def parse_weight_message(data: bytes) -> WeightPiece:
+    """A serialized WeightMessage as a WeightPiece, with a chunk's tensor bytes a view of `data`.
+
+    pb.WeightMessage.FromString copies a chunk's bytes and reading `.chunk.data` copies them
+    again (1 MiB a chunk, the whole model per version). Here only the chunk's other fields
+    (version, index, slices: a few hundred bytes) go through protobuf. Anything but a message
+    holding one chunk of known-shaped fields goes to protobuf whole, which then decides.
+    """
+    n = len(data)
+    if n and data[0] == 0x12:  # field 2 (chunk), length-delimited, as the learner sends it
+        length, pos = read_varint(data, 1)
+        if length >= 0 and pos + length == n:
+            view, meta, payload = memoryview(data), [], memoryview(data)[0:0]
+            while pos < n:
+                start = pos
+                tag, pos = read_varint(data, pos)
+                if tag < 0 or tag & 7 not in (0, 2):
+                    break
+                value, pos = read_varint(data, pos)
+                if value < 0 or (tag & 7 == 2 and pos + value > n):
+                    break
+                if tag & 7 == 2:
+                    pos += value
+                if tag == 0x22:  # field 4 (data); repeated, the last one wins, as in protobuf
+                    payload = view[pos - value:pos]
+                else:
+                    meta.append(view[start:pos])
+            else:
+                return WeightPiece(None, pb.WeightChunk.FromString(b"".join(meta)), payload)
+    msg = pb.WeightMessage.FromString(data)
+    if msg.HasField("chunk"):
+        return WeightPiece(None, msg.chunk, msg.chunk.data)
+    return WeightPiece(msg.header if msg.HasField("header") else None, None, b"")
+
+
+def _piece(msg: Union[pb.WeightMessage, WeightPiece]) -> WeightPiece:
+    if isinstance(msg, WeightPiece):
+        return msg
+    if msg.HasField("chunk"):
+        return WeightPiece(None, msg.chunk, msg.chunk.data)
+    return WeightPiece(msg.header if msg.HasField("header") else None, None, b"")
+
+
+def _assemble(messages: Iterator[Union[pb.WeightMessage, WeightPiece]], announce_only: bool,
               pool: Optional[dict[str, np.ndarray]] = None) -> Iterator[tuple[int, list[tuple[str, torch.Tensor]]]]:
     """Rebuild whole tensors from a header + chunks stream, one version at a time.
 
@@ -252,16 +300,18 @@ def _assemble(messages: Iterator[pb.WeightMessage], announce_only: bool,
     bufs: dict[str, tuple[np.ndarray, pb.TensorSlice]] = {}
     got, seen_chunks = {}, 0
     for msg in messages:
-        if msg.HasField("header"):
-            header, bufs, got, seen_chunks = msg.header, {}, {}, 0
+        new_header, chunk, payload = _piece(msg)
+        if chunk is None:
+            if new_header is None:
+                raise WeightStreamError("a weight message with neither header nor chunk")
+            header, bufs, got, seen_chunks = new_header, {}, {}, 0
             if announce_only or header.num_chunks == 0:
                 yield header.version, []
                 header = None
             continue
-        chunk = msg.chunk
         if header is None or chunk.version != header.version or chunk.index != seen_chunks:
             raise WeightStreamError(f"chunk {chunk.index} of version {chunk.version} out of order")
-        data = np.frombuffer(chunk.data, dtype=np.uint8)
+        data = np.frombuffer(payload, dtype=np.uint8)
         for s in chunk.slices:
             if s.name not in bufs:
                 if s.dtype not in _TORCH_DTYPES:

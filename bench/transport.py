@@ -15,10 +15,12 @@ Two measurements, each a ratio weft / raw (higher is better):
 
 The servers (LearnerServer and the raw one) run in a spawned child process, the clients in
 this one, all on 127.0.0.1; both paths are measured in the same run, alternating, best of
---reps. This machine's cores are shared: expect 10-20% noise.
+--reps. The server process gets the learner's process settings (learner/runtime.py: gc
+freeze, malloc thresholds; the raw server shares them); --no-tune leaves the defaults.
+This machine's cores are shared: expect 10-20% noise.
 
 Run: .venv/bin/python bench/transport.py [--groups 300 --group-size 8 --tokens 4096 --batch 8 --reps 3
-                                         --bucket-mb 1 --only submit|weights]
+                                         --bucket-mb 1 --only submit|weights --no-tune]
 Prints the numbers, the ratios, then a final JSON line.
 """
 
@@ -61,16 +63,19 @@ def qwen_shapes(hidden: int, layers: int, intermediate: int, vocab: int, heads: 
 
 
 # ---------------------------------------------------------------- child: the servers
-def _serve(conn: Any, group_size: int, bucket_bytes: int, capacity: int) -> None:
+def _serve(conn: Any, group_size: int, bucket_bytes: int, capacity: int, tune: bool) -> None:
     import grpc
     import torch
 
+    from learner.runtime import tune_process
     from learner.server import LearnerServer
 
     max_msg = 256 * 2**20
-    server = LearnerServer(LearnerConfig(group_size=group_size, buffer_capacity=capacity, max_staleness=10**6,
-                                         weight_bucket_bytes=bucket_bytes, max_message_bytes=max_msg,
-                                         submit_block_s=60.0)).start()
+    cfg = LearnerConfig(group_size=group_size, buffer_capacity=capacity, max_staleness=10**6,
+                        weight_bucket_bytes=bucket_bytes, max_message_bytes=max_msg, submit_block_s=60.0)
+    server = LearnerServer(cfg).start()
+    if tune:  # as LearnerService does in a learner process; the raw server below shares the process
+        tune_process(cfg.gc_freeze, cfg.gc_threshold0, cfg.malloc_keep_mb)
     blobs: dict[int, bytes] = {}
 
     def sink(request_iterator, context):
@@ -222,10 +227,13 @@ def main(argv: list[str] | None = None) -> dict:
                    help="weight chunk size (MiB); default: learner.weight_bucket_bytes")
     p.add_argument("--reps", type=int, default=3, help="timed repetitions (best is reported)")
     p.add_argument("--only", choices=["submit", "weights"], help="run one of the two benchmarks")
+    p.add_argument("--no-tune", action="store_true", help="leave the server process's gc and malloc settings at "
+                   "Python's and glibc's defaults (learner/runtime.py; a learner process applies them)")
     a = p.parse_args(argv)
     ctx = mp.get_context("spawn")
     ctl, child_end = ctx.Pipe()
-    proc = ctx.Process(target=_serve, args=(child_end, a.group_size, int(a.bucket_mb * 2**20), a.groups), daemon=True)
+    proc = ctx.Process(target=_serve, args=(child_end, a.group_size, int(a.bucket_mb * 2**20), a.groups, not a.no_tune),
+                       daemon=True)
     proc.start()
     try:
         ports = ctl.recv()
@@ -250,7 +258,7 @@ def main(argv: list[str] | None = None) -> dict:
         proc.join(10)
         if proc.is_alive():
             proc.terminate()
-    res.update({"reps": a.reps, "tokens": a.tokens, "group_size": a.group_size, "batch": a.batch,
+    res.update({"tuned": not a.no_tune, "reps": a.reps, "tokens": a.tokens, "group_size": a.group_size, "batch": a.batch,
                 "bucket_bytes": int(a.bucket_mb * 2**20), "cpus": os.cpu_count()})
     print(json.dumps(res))
     return res

@@ -108,6 +108,9 @@ class LearnerConfig:
     num_cpus: float = f(0.5, "CPUs Ray reserves for the learner actor in a `weft train` run.", min=0.0)
     num_gpus: float = f(0.0, "GPUs Ray reserves for the learner actor: 1 on a GPU cluster, 0 on the CPU.", min=0.0)
     retry_deadline_s: float = f(600.0, "Client: give up (LearnerUnavailable) after this long without reaching the learner; 0 = never give up.", min=0.0)
+    gc_freeze: bool = f(True, "After start-up, move every existing object (torch, the model) to Python's permanent GC generation, so the collections that received groups trigger stop re-walking them (learner/runtime.py).")
+    gc_threshold0: int = f(50_000, "Python's gen-0 collection threshold in the learner process (CPython's default 700 collects every few received groups); 0 leaves it alone.", min=0)
+    malloc_keep_mb: int = f(1024, "glibc: keep up to this many MB of freed heap mapped (M_TRIM_THRESHOLD) and take chunks up to min(this, 32 MB) from the heap (M_MMAP_THRESHOLD), so received groups and weight snapshots reuse pages instead of faulting them in; 0 leaves glibc's defaults.", min=0)
 
 
 @dataclass

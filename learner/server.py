@@ -40,6 +40,7 @@ from learner.buffer import GroupBuffer, make_ack
 from learner.validate import Limits, decode_group, reason_of
 from protos import learner_pb2 as pb
 from protos.records import Group
+from protos.wire import field_head, read_varint
 
 log = logging.getLogger(__name__)
 
@@ -110,8 +111,12 @@ def build_snapshot(version: int, named_tensors: NamedTensors, bucket_bytes: int)
 
     def flush() -> None:
         nonlocal slices, parts, filled
-        chunk = pb.WeightChunk(version=version, index=len(chunks), slices=slices, data=b"".join(parts))
-        chunks.append(pb.WeightMessage(chunk=chunk).SerializeToString())
+        # WeightMessage{chunk: WeightChunk{version, index, slices, data}} serialized by hand with the
+        # data field last (protobuf's field order): one copy of the tensor bytes instead of three.
+        meta = pb.WeightChunk(version=version, index=len(chunks), slices=slices).SerializeToString()
+        data_head = field_head(4, filled) if filled else b""
+        chunk_len = len(meta) + len(data_head) + filled
+        chunks.append(b"".join([field_head(2, chunk_len), meta, data_head, *parts]))
         data_bytes.append(filled)
         slices, parts, filled = [], [], 0
 
@@ -207,7 +212,7 @@ def parse_group_message(data: bytes) -> Submission:
         tag = data[pos]
         if tag not in (_GROUP_ID_TAG, _PAYLOAD_TAG):
             return _parse_slow(data)
-        length, pos = _varint(data, pos + 1)
+        length, pos = read_varint(data, pos + 1)
         if length < 0 or pos + length > n:
             return _parse_slow(data)
         if tag == _GROUP_ID_TAG:
@@ -219,18 +224,6 @@ def parse_group_message(data: bytes) -> Submission:
         return Submission(gid.decode("utf-8"), payload)
     except UnicodeDecodeError:
         return _parse_slow(data)
-
-
-def _varint(data: bytes, pos: int) -> tuple[int, int]:
-    """(value, position after it) of the varint at `pos`; value -1 if it is cut off or longer than 5 bytes."""
-    value, shift = 0, 0
-    for i in range(pos, min(pos + 5, len(data))):  # 5 bytes hold any length a message can have (< 2 GiB)
-        b = data[i]
-        value |= (b & 0x7F) << shift
-        if b < 0x80:
-            return value, i + 1
-        shift += 7
-    return -1, pos
 
 
 def _parse_slow(data: bytes) -> Submission:

@@ -21,6 +21,7 @@ from pathlib import Path
 from typing import Any, Optional
 
 from configs.schema import WeftConfig
+from learner.runtime import tune_process
 from learner.server import LearnerServer, TrainerHooks
 from learner.trainer import Trainer, default_run_dir, fill_learner_limits
 
@@ -39,6 +40,8 @@ class LearnerService:
         self.cfg = cfg
         self.server = LearnerServer(cfg.learner, TrainerHooks(status_metrics=self._numbers))
         self.trainer = Trainer(cfg, model_dir, server=self.server)
+        lc = cfg.learner  # after the model and optimizer exist, so that gc.freeze covers them
+        tune_process(lc.gc_freeze, lc.gc_threshold0, lc.malloc_keep_mb)
         self._stop = threading.Event()
         self._thread: Optional[threading.Thread] = None
         self._error: Optional[str] = None

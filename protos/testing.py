@@ -18,7 +18,7 @@ from typing import Any, Callable, Optional
 import msgpack
 import numpy as np
 
-from protos.codec import dumps, to_map
+from protos.codec import _DataSection, dumps, frame_pieces, to_map
 from protos.records import FrameRef, Group, Status, Trajectory
 
 
@@ -136,9 +136,22 @@ def _map_edit(g: Group, edit: Callable[[dict], None]) -> bytes:
     return msgpack.packb(m, use_bin_type=True)
 
 
+def _frame_edit(g: Group, edit: Callable[[dict], None]) -> bytes:
+    """The framed (columnar) payload of `g` with its header map edited."""
+    section = _DataSection()
+    m = to_map(g, section)
+    edit(m)
+    return b"".join(frame_pieces(m, section, lambda n: b""))
+
+
+def _truncate_frame(g: Group) -> bytes:
+    data = dumps(g)
+    return data[:-5]  # the last column now runs past the end of the data section
+
+
 def malformed_payloads(rng: Optional[np.random.Generator] = None, *, group_size: int = 4, vocab_size: int = 1000,
                        image_token_id: int = 7, current_version: int = 0) -> list[Malformed]:
-    """30 kinds of bad group, each from a fresh valid one, for a learner configured with these limits."""
+    """35 kinds of bad group, each from a fresh valid one, for a learner configured with these limits."""
     rng = rng if rng is not None else np.random.default_rng()
     v = current_version
     # name -> (reason, edit). An edit changes the group in place, or returns bytes / (envelope id, bytes).
@@ -183,6 +196,13 @@ def malformed_payloads(rng: Optional[np.random.Generator] = None, *, group_size:
         "nan_reward": ("reward_nonfinite", lambda g: _set(_first(g), reward=float("nan"))),
         "empty_group_id": ("group_id", lambda g: ("", dumps(dataclasses.replace(g, group_id="")))),
         "envelope_mismatch": ("group_id", lambda g: ("someone-else", dumps(g))),
+        # The framed (columnar) layout: a header that lies about where the arrays are.
+        "frame_cut_short": ("decode", _truncate_frame),
+        "frame_header_too_long": ("decode", lambda g: dumps(g)[:4] + b"\xff\xff\xff\x7f" + dumps(g)[8:]),
+        "column_lengths_miscounted": ("decode", lambda g: _frame_edit(g, lambda m: m["arrays"]["loss_mask"].update(
+            lengths=m["arrays"]["loss_mask"]["lengths"][:-1]))),
+        "column_offset_outside": ("decode", lambda g: _frame_edit(g, lambda m: m["arrays"]["token_ids"].update(at=2**40))),
+        "media_count_miscounted": ("decode", lambda g: _frame_edit(g, lambda m: m["media"]["count"].__setitem__(0, 99))),
     }
     out = []
     for name, (reason, edit) in cases.items():

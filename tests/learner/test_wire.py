@@ -1,6 +1,7 @@
 """The wire contract: committed stubs match learner.proto, payloads are the one codec, validation, weight chunking."""
 
 import os
+import struct
 import subprocess
 import sys
 from pathlib import Path
@@ -11,13 +12,13 @@ import torch
 
 from google.protobuf.message import DecodeError
 
-from actors.learner_client import _assemble, encode_group, group_message
+from actors.learner_client import _assemble, encode_group, group_message, parse_weight_message
 from configs.schema import LearnerConfig
 from learner.server import LearnerServer, _service_handler, build_snapshot, parse_group_message
 from learner.validate import REASONS, Limits, reason_of, validate, validate_group
 from protos import learner_pb2 as pb
 from protos import learner_pb2_grpc  # noqa: F401 - importable as protos.learner_pb2_grpc
-from protos.codec import dumps, loads
+from protos.codec import FRAME_MAGIC, dumps, loads
 from protos.testing import malformed_payloads, random_group
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -71,7 +72,19 @@ def test_hand_serialized_group_message_is_protobufs_bytes(group_id, payload_len)
 
 def test_encode_group_is_protobufs_bytes_of_the_codec_payload():
     g = random_group(group_size=3, failed=1)
-    assert encode_group(g) == pb.GroupMessage(group_id=g.group_id, payload=dumps(g)).SerializeToString()
+    data = encode_group(g)
+    msg = pb.GroupMessage.FromString(data)
+    assert data == pb.GroupMessage(group_id=g.group_id, payload=msg.payload).SerializeToString()
+    # The payload is the codec's framed group; its arrays are 8-byte aligned counted from the message's
+    # first byte (so differently padded than dumps(g), which counts from its own first byte).
+    back, want = loads(msg.payload), loads(dumps(g))
+    assert [t.traj_id for t in back.trajectories] == [t.traj_id for t in want.trajectories]
+    for a, b in zip(back.trajectories, want.trajectories):
+        assert np.array_equal(a.token_ids, b.token_ids) and np.array_equal(a.behavior_logprobs, b.behavior_logprobs)
+        assert a.media == b.media and a.reward == b.reward and a.status == b.status
+    start = len(data) - len(msg.payload)  # the payload is the message's last field
+    magic, _, at = struct.unpack_from("<4sII", data, start)
+    assert magic == FRAME_MAGIC and (start + at) % 8 == 0
 
 
 def _field(tag: int, value: bytes) -> bytes:
@@ -90,14 +103,21 @@ def _field(tag: int, value: bytes) -> bytes:
     b"",
 ])
 def test_parse_group_message_decides_as_protobuf_does(data):
+    both = _both_parse(parse_group_message, pb.GroupMessage.FromString, data)
+    if both:
+        got, want = both
+        assert (got.group_id, bytes(got.payload)) == (want.group_id, want.payload)
+
+
+def _both_parse(fast, protobuf, data):
+    """(fast(data), protobuf(data)); None when protobuf refuses `data` and fast raises the same DecodeError."""
     try:
-        want = pb.GroupMessage.FromString(data)
+        want = protobuf(data)
     except DecodeError:
         with pytest.raises(DecodeError):
-            parse_group_message(data)
-        return
-    got = parse_group_message(data)
-    assert (got.group_id, bytes(got.payload)) == (want.group_id, want.payload)
+            fast(data)
+        return None
+    return fast(data), want
 
 
 def test_fresh_random_groups_are_valid():
@@ -174,6 +194,13 @@ def test_weight_chunks_round_trip(bucket):
     assert header.header.num_chunks == len(chunks) and header.header.total_bytes == sum(
         t.numel() * t.element_size() for t in sd.values())
     assert [len(c.chunk.data) for c in chunks] == snap.data_bytes and max(snap.data_bytes) <= bucket
+    # Hand-serialized (one copy of the tensor bytes): exactly protobuf's bytes of the same message.
+    assert [c.SerializeToString() for c in chunks] == list(snap.messages())[1:]
+    # ... and read back by the client with the tensor bytes as a view, the rest as protobuf reads it.
+    for raw, want in zip(list(snap.messages())[1:], chunks):
+        piece = parse_weight_message(raw)
+        assert isinstance(piece.data, memoryview) and bytes(piece.data) == want.chunk.data
+        assert piece.chunk.SerializeToString() == _without_data(want.chunk).SerializeToString()
     sd["embed"].zero_()  # the snapshot was copied: later trainer updates do not leak into it
     (version, tensors), = list(_assemble(iter([header, *chunks]), announce_only=False))
     assert version == 9 and [n for n, _ in tensors] == list(sd)
@@ -181,3 +208,38 @@ def test_weight_chunks_round_trip(bucket):
         ref = sd[name] if name != "embed" else t
         assert t.dtype == ref.dtype and t.shape == ref.shape and torch.equal(t, ref)
     assert tensors[0][1].abs().sum() > 0
+
+
+def _without_data(chunk: pb.WeightChunk) -> pb.WeightChunk:
+    out = pb.WeightChunk()
+    out.CopyFrom(chunk)
+    out.ClearField("data")
+    return out
+
+
+_CHUNK = pb.WeightChunk(version=3, index=1, slices=[pb.TensorSlice(name="w", dtype="float32", shape=[2], tensor_nbytes=8,
+                                                                   nbytes=8)], data=b"\x01" * 8)
+
+
+@pytest.mark.parametrize("data", [
+    pb.WeightMessage(chunk=_CHUNK).SerializeToString(),
+    pb.WeightMessage(header=pb.VersionHeader(version=3, num_chunks=2, num_tensors=1, total_bytes=8)).SerializeToString(),
+    pb.WeightMessage(chunk=pb.WeightChunk(data=b"ab", version=1)).SerializeToString(),
+    _field(0x12, _field(0x22, b"first") + b"\x08\x05" + _field(0x22, b"last")),  # data repeated: the last wins
+    _field(0x12, b"\x08\x05" + _field(0x22, b"d") + b"\x2d\x00\x00\x00\x00"),  # an unknown fixed32 field 5
+    _field(0x12, b"\x08\x85\x80\x80\x80\x00" + _field(0x22, b"d")),  # a non-minimal varint
+    _field(0x12, b"\x08\x05\x22\x09short"),  # data length past the end
+    b"\x12\x05\x08\x01",  # chunk length past the end
+    b"\x12",
+    b"",
+])
+def test_parse_weight_message_decides_as_protobuf_does(data):
+    both = _both_parse(parse_weight_message, pb.WeightMessage.FromString, data)
+    if not both:
+        return
+    got, want = both
+    if want.HasField("chunk"):
+        assert bytes(got.data) == want.chunk.data
+        assert _without_data(got.chunk).SerializeToString() == _without_data(want.chunk).SerializeToString()
+    else:
+        assert got.chunk is None and (got.header == want.header if want.HasField("header") else got.header is None)

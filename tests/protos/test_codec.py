@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 
 from protos import CodecError, FrameRef, Group, Status, Trajectory, dumps, loads, read_trajectories, write_trajectories
-from protos.codec import to_map
+from protos.codec import COLUMNAR, FRAME_MAGIC, decode_array, encode_array, from_map, group_columns, to_map, unpack
 
 
 def make_traj(rng: np.random.Generator, T: int = 50, media: int = 2, pixels: bool = False) -> Trajectory:
@@ -49,9 +49,9 @@ def test_group_round_trip_and_failed():
     assert back.trajectories[1].status is Status.FAILED and back.trajectories[1].metadata["error"] == "VideoCorrupt: x"
 
 
-def test_dumps_is_packb_and_thread_safe():
-    """dumps reuses a Packer per thread: same bytes as a fresh packb, also with threads packing at once,
-    and a failed pack (an unencodable value) leaves no half-written message behind."""
+def test_dumps_is_deterministic_and_thread_safe():
+    """The same bytes from threads encoding at once as from one; a failed encode (an unencodable
+    value) raises and leaves nothing behind for the next."""
     from concurrent.futures import ThreadPoolExecutor
 
     rng = np.random.default_rng()
@@ -60,7 +60,63 @@ def test_dumps_is_packb_and_thread_safe():
         dumps(Group("bad", "t", [make_traj(rng)], {"x": object()}))
     with ThreadPoolExecutor(4) as pool:
         got = list(pool.map(dumps, groups * 3))
-    assert got == [msgpack.packb(to_map(g), use_bin_type=True) for g in groups * 3]
+    assert got == [dumps(g) for g in groups * 3]
+
+
+def test_framed_group_is_columnar_and_zero_copy():
+    """`dumps` lays a group's per-token fields out as columns: decoding gives views of the bytes, each
+    trajectory's arrays are slices of its column, and each column is aligned to its dtype."""
+    rng = np.random.default_rng()
+    g = Group("g", "t", [make_traj(rng, T=int(rng.integers(1, 400)), pixels=bool(i % 2)) for i in range(4)]
+              + [Trajectory.failed("x", group_id="g")])
+    data = dumps(g)
+    assert data[:4] == FRAME_MAGIC
+    obj, section = unpack(data)
+    assert obj["kind"] == COLUMNAR and isinstance(obj["arrays"]["token_ids"], dict)
+    back = from_map(obj, section)
+    for a, b in zip(g.trajectories, back.trajectories):
+        assert_same(a, b)
+    cols = group_columns(obj, section)
+    assert set(cols) == {"token_ids", "loss_mask", "behavior_logprobs", "policy_version"}
+    for name, col in cols.items():
+        assert np.array_equal(col, np.concatenate([getattr(t, name) for t in g.trajectories]))
+        assert not col.flags.writeable and col.flags.aligned  # a view of the (immutable) bytes
+        assert col.ctypes.data % col.dtype.itemsize == 0
+        assert all(np.shares_memory(col, getattr(t, name)) for t in back.trajectories if t.num_tokens)
+
+
+def test_a_broken_field_travels_as_it_is():
+    """A field that is not 1-D of one dtype in every trajectory is sent per trajectory, unchanged,
+    so that the learner's validation sees (and rejects) exactly what was sent."""
+    rng = np.random.default_rng()
+    g = Group("g", "t", [make_traj(rng), make_traj(rng)])
+    object.__setattr__(g.trajectories[0], "token_ids", g.trajectories[0].token_ids.astype(np.float32))
+    obj, section = unpack(dumps(g))
+    spec = obj["arrays"]["token_ids"]
+    assert isinstance(spec, list) and [a["nd"] for a in spec] == ["float32", "int32"]
+    assert "token_ids" not in group_columns(obj, section) and "loss_mask" in group_columns(obj, section)
+
+
+def test_inline_layout_still_loads():
+    rng = np.random.default_rng()
+    g = Group("g", "t", [make_traj(rng), make_traj(rng, pixels=True)])
+    back = loads(msgpack.packb(to_map(g), use_bin_type=True))
+    for a, b in zip(g.trajectories, back.trajectories):
+        assert_same(a, b)
+
+
+def test_corrupted_frames_are_codec_errors_or_decode():
+    """Any byte of a framed group flipped: loads either decodes or raises CodecError, nothing else."""
+    rng = np.random.default_rng()
+    data = bytearray(dumps(Group("g", "t", [make_traj(rng, T=20, media=1) for _ in range(2)])))
+    for _ in range(400):
+        junk = bytearray(data)
+        for i in rng.integers(0, len(junk), int(rng.integers(1, 4))):
+            junk[i] = int(rng.integers(0, 256))
+        try:
+            loads(bytes(junk[:int(rng.integers(len(junk) // 2, len(junk) + 1))]))
+        except CodecError:
+            pass
 
 
 def test_arrays_are_raw_buffers_not_pickle():
@@ -68,6 +124,12 @@ def test_arrays_are_raw_buffers_not_pickle():
     m = to_map(t)
     assert m["token_ids"]["nd"] == "int32" and bytes(m["token_ids"]["data"]) == t.token_ids.tobytes()
     assert b"pickle" not in dumps(t) and b"numpy" not in dumps(t)
+
+
+def test_byte_swapped_arrays_travel_as_native():
+    swapped = np.arange(-5, 5, dtype=">i4")
+    back = decode_array(msgpack.unpackb(msgpack.packb(encode_array(swapped))))
+    assert back.dtype == np.dtype("int32") and np.array_equal(back, swapped)
 
 
 def test_file_round_trip(tmp_path):
