@@ -276,10 +276,7 @@ def parse_weight_message(data: bytes) -> WeightPiece:
                     meta.append(view[start:pos])
             else:
                 return WeightPiece(None, pb.WeightChunk.FromString(b"".join(meta)), payload)
-    msg = pb.WeightMessage.FromString(data)
-    if msg.HasField("chunk"):
-        return WeightPiece(None, msg.chunk, msg.chunk.data)
-    return WeightPiece(msg.header if msg.HasField("header") else None, None, b"")
+    return _piece(pb.WeightMessage.FromString(data))
 
 
 def _piece(msg: Union[pb.WeightMessage, WeightPiece]) -> WeightPiece:

@@ -19,7 +19,7 @@ from typing import Any, Optional
 
 import numpy as np
 
-from protos.codec import COLUMNAR, CodecError, from_map, group_columns, unpack
+from protos.codec import COLUMNAR, CodecError, from_map_columns, unpack
 from protos.records import FrameRef, Group, Status, Trajectory
 
 # dtype each per-token array must have on the wire (what protos.records.Trajectory holds).
@@ -91,14 +91,14 @@ def decode_group(payload: bytes, limits: Limits,
         if err:
             return None, err
         try:
-            group = from_map(obj, section)
+            group, columns = from_map_columns(obj, section)
         except CodecError as e:
             return None, f"decode: {e}"
         if not isinstance(group, Group):
             return None, f"decode: payload is a {type(group).__name__}, not a Group"
         if envelope_group_id is not None and group.group_id != envelope_group_id:
             return None, f"group_id: message says {envelope_group_id!r}, payload says {group.group_id!r}"
-        err = validate_group(group, limits, group_columns(obj, section))
+        err = validate_group(group, limits, columns)
         return (None, err) if err else (group, None)
     except Exception as e:  # noqa: BLE001 - a bug in a check must not take the server down
         return None, f"malformed: {type(e).__name__}: {e}"
@@ -143,7 +143,7 @@ def _check_columnar_wire(obj: dict) -> Optional[str]:
 def validate_group(group: Group, limits: Limits, columns: Optional[dict[str, np.ndarray]] = None) -> Optional[str]:
     """Semantic checks of a decoded group (dtypes are the wire's business, see `_check_wire`).
 
-    `columns`: per-token fields over the whole group (`protos.codec.group_columns`), which spare
+    `columns`: per-token fields over the whole group (`protos.codec.from_map_columns`), which spare
     concatenating the trajectories' arrays; a field missing there is concatenated.
     """
     if not group.group_id:

@@ -15,7 +15,7 @@ Two layouts of the same maps:
   alignment, so one field of the whole group is one contiguous column, and the group's
   header is columnar too (see `_columnar_to_map`). Decoding is then zero-copy: every
   array is a view of the received bytes, and the learner validates a group's columns
-  in one numpy pass each without concatenating (`group_columns`). msgpack's inline
+  in one numpy pass each without concatenating (`from_map_columns`). msgpack's inline
   form copies every array out of the message and cannot give columns; on a 0.43 MB
   group that, with building a map per trajectory and per media ref, was most of the
   learner's cost per group.
@@ -193,7 +193,7 @@ def _list_field(d: dict, key: str, n: int, what: str) -> list:
     return v
 
 
-def columnar_columns(d: dict, data: Optional[memoryview]) -> dict[str, np.ndarray]:
+def _columnar_columns(d: dict, data: Optional[memoryview]) -> dict[str, np.ndarray]:
     """The per-token fields a columnar group sends as columns (views of `data`); CodecError if one is bad."""
     cols = {}
     for name, spec in d["arrays"].items():
@@ -205,7 +205,8 @@ def columnar_columns(d: dict, data: Optional[memoryview]) -> dict[str, np.ndarra
     return cols
 
 
-def _columnar_from_map(d: dict, data: Optional[memoryview]) -> Group:
+def _columnar_from_map(d: dict, data: Optional[memoryview]) -> tuple[Group, dict[str, np.ndarray]]:
+    """The group, and the per-token fields it sends as columns (its trajectories' arrays are slices of these)."""
     traj, arrays, media = d.get("traj"), d.get("arrays"), d.get("media")
     if not (isinstance(traj, dict) and isinstance(arrays, dict) and isinstance(media, dict)):
         raise CodecError("a columnar group needs the maps traj, arrays and media")
@@ -215,7 +216,7 @@ def _columnar_from_map(d: dict, data: Optional[memoryview]) -> Group:
     n = len(ids) if isinstance(ids, list) else -1
     fields = {k: _list_field(traj, k, n, "traj") for k in _SCALAR_FIELDS}
     per_token: dict[str, list[np.ndarray]] = {}
-    cols = columnar_columns(d, data)
+    cols = _columnar_columns(d, data)
     for name, spec in arrays.items():
         if name in cols:
             ends = list(itertools.accumulate(spec["lengths"]))
@@ -241,7 +242,7 @@ def _columnar_from_map(d: dict, data: Optional[memoryview]) -> Group:
     except (ValueError, TypeError) as e:
         raise CodecError(f"bad trajectory: {e}") from None
     return Group(group_id=str(d.get("group_id", "")), task_id=str(d.get("task_id", "")), trajectories=trajs,
-                 metadata=dict(d.get("metadata") or {}))
+                 metadata=dict(d.get("metadata") or {})), cols
 
 
 def _columnar_media(media: dict, n: int) -> list[FrameRef]:
@@ -327,7 +328,7 @@ def from_map(d: Any, data: Optional[memoryview] = None) -> Record:
         return Group(group_id=str(d.get("group_id", "")), task_id=str(d.get("task_id", "")),
                      trajectories=items, metadata=dict(d.get("metadata") or {}))
     if kind == COLUMNAR:
-        return _columnar_from_map(d, data)
+        return _columnar_from_map(d, data)[0]
     if kind == "frame_ref":
         return _frame_ref_from_map(d)
     raise CodecError(f"unknown record kind {kind!r}")
@@ -401,14 +402,12 @@ def loads(data: Union[bytes, memoryview]) -> Record:
     return from_map(obj, section)
 
 
-def group_columns(obj: Any, section: Optional[memoryview]) -> dict[str, np.ndarray]:
-    """Each per-token field a framed (columnar) group sends as one column, as a view; {} for any other record.
-
-    Call after `from_map` succeeded on the same map (which checked the columns).
-    """
-    if isinstance(obj, dict) and obj.get("kind") == COLUMNAR and section is not None:
-        return columnar_columns(obj, section)
-    return {}
+def from_map_columns(d: Any, data: Optional[memoryview]) -> tuple[Record, dict[str, np.ndarray]]:
+    """`from_map`, plus each per-token field a framed (columnar) group sends as one column: views of
+    `data`, decoded once for both. {} for any other record."""
+    if isinstance(d, dict) and d.get("kind") == COLUMNAR:
+        return _columnar_from_map(d, data)
+    return from_map(d, data), {}
 
 
 def write_trajectories(path: str | Path, trajs: Iterable[Trajectory]) -> int:

@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 
 from protos import CodecError, FrameRef, Group, Status, Trajectory, dumps, loads, read_trajectories, write_trajectories
-from protos.codec import COLUMNAR, FRAME_MAGIC, decode_array, encode_array, from_map, group_columns, to_map, unpack
+from protos.codec import COLUMNAR, FRAME_MAGIC, decode_array, encode_array, from_map, from_map_columns, to_map, unpack
 
 
 def make_traj(rng: np.random.Generator, T: int = 50, media: int = 2, pixels: bool = False) -> Trajectory:
@@ -73,10 +73,11 @@ def test_framed_group_is_columnar_and_zero_copy():
     assert data[:4] == FRAME_MAGIC
     obj, section = unpack(data)
     assert obj["kind"] == COLUMNAR and isinstance(obj["arrays"]["token_ids"], dict)
-    back = from_map(obj, section)
-    for a, b in zip(g.trajectories, back.trajectories):
+    back, cols = from_map_columns(obj, section)
+    for a, b in zip(g.trajectories, back.trajectories, strict=True):
         assert_same(a, b)
-    cols = group_columns(obj, section)
+    for a, b in zip(from_map(obj, section).trajectories, back.trajectories, strict=True):
+        assert_same(a, b)
     assert set(cols) == {"token_ids", "loss_mask", "behavior_logprobs", "policy_version"}
     for name, col in cols.items():
         assert np.array_equal(col, np.concatenate([getattr(t, name) for t in g.trajectories]))
@@ -94,7 +95,8 @@ def test_a_broken_field_travels_as_it_is():
     obj, section = unpack(dumps(g))
     spec = obj["arrays"]["token_ids"]
     assert isinstance(spec, list) and [a["nd"] for a in spec] == ["float32", "int32"]
-    assert "token_ids" not in group_columns(obj, section) and "loss_mask" in group_columns(obj, section)
+    cols = from_map_columns(obj, section)[1]
+    assert "token_ids" not in cols and "loss_mask" in cols
 
 
 def test_inline_layout_still_loads():
