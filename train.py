@@ -6,10 +6,11 @@
 
 1. config: schema defaults <- YAML <- key=value; the run dir is fixed and the config saved in it
 2. Ray: a local cluster, or the one RAY_ADDRESS names (set by `ray job submit`)
-3. the Learner actor: gRPC service + trainer (learner/service.py), resumed from run_dir if it can
+3. the learner: learner.world_size rank actors in a placement group (FSDP2 over torch.distributed
+   when more than one); rank 0 serves gRPC and trains (learner/service.py); resumed from run_dir
 4. M EnvActors and N RolloutWorkers, sized apart (env.num_actors, rollout.num_workers)
 5. the dispatcher paces groups to the workers within the staleness bound, re-runs lost ones,
-   until trainer.total_steps (actors/dispatcher.py)
+   restarts a learner that lost a rank, until trainer.total_steps (actors/dispatcher.py)
 6. final checkpoint, workers down, summary (printed, and run_dir/summary.json)
 
 Everything a run writes is under the run dir: config.yaml, metrics.jsonl, tb/, checkpoints/,
@@ -74,6 +75,24 @@ def init_ray(cfg: Any) -> None:
     else:
         ray.init(num_cpus=cfg.run.ray_num_cpus, include_dashboard=False, runtime_env={"env_vars": env_vars})
     log.info("ray: %s", ray.cluster_resources())
+    check_resources(cfg, ray.cluster_resources(), local=not os.environ.get("RAY_ADDRESS"))
+
+
+def check_resources(cfg: Any, have: dict, local: bool) -> None:
+    """Fail at once when the run's actors cannot all be placed: an actor Ray cannot schedule would hold
+    the groups handed to it until the end of the run. (A cluster that autoscales may grow: a warning.)"""
+    need = {"CPU": cfg.learner.world_size * cfg.learner.num_cpus + cfg.env.num_actors * cfg.env.num_cpus
+            + cfg.rollout.num_workers * cfg.rollout.num_cpus,
+            "GPU": cfg.learner.world_size * cfg.learner.num_gpus + cfg.rollout.num_workers * cfg.rollout.num_gpus}
+    short = {k: (v, have.get(k, 0.0)) for k, v in need.items() if v > have.get(k, 0.0) + 1e-9}
+    if not short:
+        return
+    words = ", ".join(f"{v:g} {k} (the cluster has {h:g})" for k, (v, h) in short.items())
+    msg = (f"the run's actors need {words}: learner.world_size x learner.num_cpus/num_gpus + env.num_actors x "
+           "env.num_cpus + rollout.num_workers x rollout.num_cpus/num_gpus")
+    if local:
+        raise SystemExit(msg + "; lower them, or raise run.ray_num_cpus")
+    log.warning("%s; waiting for the cluster to grow", msg)
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
@@ -82,7 +101,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     from actors.dispatcher import Dispatcher
     from actors.display import display, print_summary
     from actors.env_actor import start_env_actors
-    from actors.learner_actor import start_learner
+    from actors.learner_actor import LearnerGroup
     from actors.rollout_worker import start_rollout_workers
     from env import load_tasks
     from learner.metrics import learning_summary, read_metrics
@@ -90,17 +109,18 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
     cfg = load_run_config(parse_args(argv))                                   # 1
     init_ray(cfg)                                                              # 2
-    learner, address = start_learner(cfg, cfg.model)                          # 3
+    learner = LearnerGroup(cfg, cfg.model)                                     # 3
+    address = learner.start()
     envs = start_env_actors(cfg)                                               # 4
     workers = start_rollout_workers(cfg, cfg.model, address, envs)
-    resumed = ray.get(learner.progress.remote())
+    resumed = learner.progress()
     dispatcher = Dispatcher(cfg, load_tasks(cfg.data.path), workers, envs, learner,
                             start_index=resumed["accepted"] + resumed["stale_at_put"])
     try:                                                                       # 5
         with display(cfg.run.display, cfg.trainer.total_steps) as update:
             accounting = dispatcher.run(cfg.trainer.total_steps, on_tick=update)
     finally:
-        final = ray.get(learner.stop.remote())                                 # 6
+        final = learner.stop()                                                 # 6
         ray.get([w.shutdown.remote() for w in workers], timeout=120)
     rows = read_metrics(cfg.trainer.run_dir)
     summary = {"run_dir": cfg.trainer.run_dir, "steps": final["step"], "version": final["version"],

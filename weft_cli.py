@@ -65,6 +65,15 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     p.add_argument("--data", default=None, help="Task file to use instead of the run config's data.path.")
     p.set_defaults(func=_view)
 
+    p = sub.add_parser("plan", help="Per-rank memory of the sharded learner for a model config (no weights needed).")
+    p.add_argument("--model-config", default=None, help="A config.json (default: every one shipped in configs/models/).")
+    p.add_argument("--world-size", type=int, default=8, help="Learner ranks (FSDP2 data parallel).")
+    p.add_argument("--tokens", type=int, default=16384, help="Tokens of the longest micro-batch (prompt + turns + observations).")
+    p.add_argument("--image-tokens", type=int, default=None, help="Of those, image tokens (default: half).")
+    p.add_argument("--gradient-checkpointing", action="store_true", help="With activation checkpointing of every layer and block.")
+    p.add_argument("--gpu-gib", type=float, default=80.0, help="GPU memory to compare the total with.")
+    p.set_defaults(func=_plan)
+
     # `weft train ...` is handed to train.py whole (see the top of main); listed here for --help.
     sub.add_parser("train", help="A GRPO training run on Ray (train.py): learner, env actors, rollout workers.")
 
@@ -139,6 +148,12 @@ def add_learner_args(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
     p.add_argument("--host", default=None, help="Address to bind (overrides learner.host).")
     p.add_argument("--token", default=None, help="Shared secret of the service (prefer learner.token_env).")
     p.add_argument("--run-dir", default=None, help="Checkpoints and metrics (overrides trainer.run_dir).")
+    p.add_argument("--replay", default=None, help="Train on the groups of this trajectory file (`weft rollout --out`) "
+                   "instead of serving: no gRPC, no rollout; needs --steps and --out.")
+    p.add_argument("--steps", type=int, default=None, help="--replay: train until this step (resumed steps count).")
+    p.add_argument("--out", default=None, help="--replay: where the trained model goes (an HF model directory).")
+    p.add_argument("--world-size", type=int, default=None, help="Learner ranks (overrides learner.world_size); "
+                   "--replay spawns them locally.")
     p.add_argument("--config", default=None, help="YAML config file.")
     p.add_argument("overrides", nargs="*", help="key=value config overrides, e.g. trainer.lr=1e-6")
     return p
@@ -165,6 +180,12 @@ def _learner(args: argparse.Namespace) -> int:
     from learner.trainer import main_learner
 
     return main_learner(args)
+
+
+def _plan(args: argparse.Namespace) -> int:
+    from learner.plan import main_plan
+
+    return main_plan(args)
 
 
 def _sft(args: argparse.Namespace) -> int:

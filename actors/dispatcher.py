@@ -18,6 +18,13 @@ weights, and none starts while the learner trains); s > 0 lets rollout run ahead
 the learner trains, and episodes in flight keep going across weight updates (the
 workers load new weights with pause(keep) -> load -> resume).
 
+The learner is a `LearnerGroup` (actors/learner_actor.py). When one of its ranks dies, the
+group is restarted from its newest checkpoint; groups it had accepted after that checkpoint
+are gone with it, so every accepted group the restored learner has not seen is run again
+(`rerun/learner_lost`). An acceptance that arrives after the restart is checked the same way:
+the ack carries the accepting learner's version, and the restored learner starts above every
+version its predecessor handed out.
+
 Pools are RLlib FaultTolerantActorManagers. A call that fails with a Ray error takes
 its actor out of service (Ray restarts it: max_restarts); its items go back to the
 front of the queue; an async ping brings the actor back once it answers. Every item
@@ -42,7 +49,7 @@ from env.types import Task
 log = logging.getLogger(__name__)
 
 FINAL = ("accepted", "duplicate", "stale", "rejected", "given_up")  # outcomes that end an item
-RERUN = ("worker_lost", "worker_error", "env_lost")  # outcomes that put it back in the queue
+RERUN = ("worker_lost", "worker_error", "env_lost", "learner_lost")  # outcomes that put it back in the queue
 MAX_ATTEMPTS = 5
 
 
@@ -61,6 +68,10 @@ def call_run_item(worker: Any, item: dict[str, Any]) -> Any:
 
 def call_ping(actor: Any) -> Any:
     return actor.ping()
+
+
+def call_set_learner(worker: Any, address: str) -> Any:
+    return worker.set_learner(address)
 
 
 class Dispatcher:
@@ -84,14 +95,20 @@ class Dispatcher:
         self.last_probe = 0.0
         self.progress: dict[str, Any] = {}
         self.created = 0
+        self.accepted: dict[str, Item] = {}  # what a restarted learner may have lost
+        self.restored: Optional[tuple[int, set[str]]] = None  # (first version, seen ids) of the last restart
 
     # ---- the loop
     def run(self, total_steps: int, on_tick: Optional[Callable[[dict[str, Any]], None]] = None) -> dict[str, Any]:
         """Dispatch until the learner has trained `total_steps` steps, then let running groups finish."""
+        from actors.learner_actor import LearnerLost
+
         while True:
-            self.progress = ray.get(self.learner.progress.remote())
-            if self.progress["error"]:
-                raise RuntimeError(f"learner failed: {self.progress['error']}")
+            try:
+                self.progress = self.learner.progress()
+            except LearnerLost as e:
+                self._learner_lost(e)
+                continue
             if self.progress["step"] >= total_steps or self.progress["done"]:
                 break
             self._dispatch()
@@ -181,12 +198,50 @@ class Dispatcher:
             log.warning("group %s: %s (%s); running it again", item.group_id, outcome, reason[:200])
             self.queue.appendleft(item)
             return
+        if outcome == "accepted" and not self._accepted(item, out):
+            return
         self.counts[outcome] += 1
         self.counts["generated_tokens"] += out.get("generated_tokens", 0)
         # A partial rollout: its episodes kept running while new weights were loaded.
         self.counts["crossed_versions"] += int(out.get("max_version", -1) > out.get("min_version", -1) >= 0)
         if outcome == "rejected":
             log.error("learner rejected group %s: %s", item.group_id, reason)
+
+    # ---- a lost learner
+    def _learner_lost(self, err: Exception) -> None:
+        """Restart the learner group from its newest checkpoint and run again what it lost."""
+        if self.learner.restarts >= self.cfg.run.max_learner_restarts:
+            raise RuntimeError(f"{err} (the learner was restarted {self.learner.restarts} times already; "
+                               "run.max_learner_restarts)") from None
+        log.error("%s: restarting the learner group from its newest checkpoint", err)
+        before = self.learner.address
+        address = self.learner.restart()
+        self.counts["restarts/learner"] += 1
+        if address != before:  # the old port was taken: tell the workers where the learner is now
+            self.workers.foreach_actor([call_set_learner] * self.workers.num_healthy_actors(),
+                                       kwargs=[{"address": address}] * self.workers.num_healthy_actors(),
+                                       timeout_seconds=60)
+        self.progress = self.learner.progress()
+        self.restored = (self.progress["version"], self.learner.seen_group_ids())
+        for gid in [g for g in self.accepted if g not in self.restored[1]]:
+            self._lost_acceptance(self.accepted.pop(gid))
+        log.warning("learner back at step %d, version %d (%s); %d accepted groups it lost run again",
+                    self.progress["step"], self.progress["version"], address, self.counts["rerun/learner_lost"])
+
+    def _lost_acceptance(self, item: Item) -> None:
+        self.counts["accepted"] -= 1
+        self.counts["rerun/learner_lost"] += 1
+        self.queue.appendleft(item)
+
+    def _accepted(self, item: Item, out: dict[str, Any]) -> bool:
+        """Record an acceptance; False when a learner since lost had accepted it (run it again instead)."""
+        if self.restored is not None and out.get("learner_version", self.restored[0]) < self.restored[0] \
+                and item.group_id not in self.restored[1]:
+            self.counts["rerun/learner_lost"] += 1
+            self.queue.appendleft(item)
+            return False
+        self.accepted[item.group_id] = item
+        return True
 
     # ---- health
     def _probe(self) -> None:
@@ -233,7 +288,7 @@ class Dispatcher:
         return {**p, "workers_alive": self.workers.num_healthy_actors(), "workers": self.workers.num_actors(),
                 "envs_alive": self.envs.num_healthy_actors(), "envs": self.envs.num_actors(),
                 "running": len(self.running), "queued": len(self.queue), "counts": dict(self.counts),
-                "restarts": self.counts["restarts/workers"] + self.counts["restarts/envs"]}
+                "restarts": self.counts["restarts/workers"] + self.counts["restarts/envs"] + self.counts["restarts/learner"]}
 
     def accounting(self) -> dict[str, Any]:
         """Where every item went. created == sum of FINAL outcomes + abandoned + pending."""
@@ -242,4 +297,5 @@ class Dispatcher:
                 "pending": c["pending"], "dispatched": c["dispatched"],
                 "reruns": {k: c[f"rerun/{k}"] for k in RERUN},
                 "worker_restarts": self.counts["restarts/workers"], "env_restarts": self.counts["restarts/envs"],
+                "learner_restarts": self.counts["restarts/learner"],
                 "generated_tokens": c["generated_tokens"], "crossed_versions": c["crossed_versions"]}

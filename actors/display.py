@@ -87,5 +87,5 @@ def print_summary(summary: dict[str, Any]) -> None:
                                         "abandoned", "pending")))
     console.print(acct)
     console.print(f"groups that crossed a weight update mid-episode: {g['crossed_versions']}")
-    console.print(f"re-run: {g['reruns']}  restarts: workers {g['worker_restarts']}, envs {g['env_restarts']}  "
+    console.print(f"re-run: {g['reruns']}  restarts: workers {g['worker_restarts']}, envs {g['env_restarts']}, learner {g.get('learner_restarts', 0)}  "
                   f"learner idle {summary['learner']['idle_frac']:.2f}  run dir: {summary['run_dir']}")

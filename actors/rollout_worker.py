@@ -367,7 +367,17 @@ class RolloutWorker:
         if lost:
             return {**out, "outcome": "env_lost", "reason": lost[0]}
         (ack,) = await asyncio.to_thread(self.client.submit, [group])
-        return {**out, "outcome": pb.AckKind.Name(ack.kind).lower(), "reason": ack.reason}
+        return {**out, "outcome": pb.AckKind.Name(ack.kind).lower(), "reason": ack.reason,
+                "learner_version": int(ack.learner_version)}
+
+    def set_learner(self, address: str) -> None:
+        """Talk to the learner at `address` from now on (a restarted learner that could not have its
+        old port); the weight stream reconnects there."""
+        from actors.learner_client import LearnerClient
+
+        if address != self.client.address:
+            old, self.client = self.client, LearnerClient.from_config(self.cfg.learner, address=address)
+            old.close()
 
     def status(self) -> dict[str, Any]:
         return self.core.status()

@@ -110,6 +110,9 @@ class LearnerConfig:
     retry_deadline_s: float = f(600.0, "Client: give up (LearnerUnavailable) after this long without reaching the learner; 0 = never give up.", min=0.0)
     gc_freeze: bool = f(True, "After start-up, move every existing object (torch, the model) to Python's permanent GC generation, so the collections that received groups trigger stop re-walking them (learner/runtime.py).")
     gc_threshold0: int = f(50_000, "Python's gen-0 collection threshold in the learner process (CPython's default 700 collects every few received groups); 0 leaves it alone.", min=0)
+    world_size: int = f(1, "Learner ranks: N data-parallel processes that shard the policy with FSDP2 (torch.distributed.fsdp.fully_shard) and form one process group (NCCL on CUDA, gloo on the CPU). 1 = one process, no process group.", min=1)
+    placement: str = f("pack", "How Ray places the learner ranks' bundles: pack (as few nodes as possible) | spread (one per node where it can).", choices=["pack", "spread"])
+    dist_timeout_s: float = f(1800.0, "Timeout of the learner's collectives (torch.distributed init_process_group); a rank stuck longer fails the learner group, which the driver restarts.", min=10.0)
     malloc_keep_mb: int = f(1024, "glibc: keep up to this many MB of freed heap mapped (M_TRIM_THRESHOLD) and take chunks up to min(this, 32 MB) from the heap (M_MMAP_THRESHOLD), so received groups and weight snapshots reuse pages instead of faulting them in; 0 leaves glibc's defaults.", min=0)
 
 
@@ -156,6 +159,9 @@ class TrainerConfig:
     dtype: str = f("auto", "Compute dtype: auto (bfloat16 autocast on CUDA, float32 on CPU) | float32 | bfloat16 (autocast; weights and optimizer stay float32).", choices=["auto", "float32", "bfloat16"])
     device: str = f("auto", "auto (cuda when available) | cpu | cuda | cuda:N.")
     publish_dtype: str = f("auto", "Dtype of published weights: auto (rollout.dtype) | float32 | bfloat16 | float16.", choices=["auto", "float32", "bfloat16", "float16"])
+    gradient_checkpointing: bool = f(False, "Activation checkpointing of every decoder layer and vision block (recomputed in backward): activations of a layer instead of all layers, for about a third more compute.")
+    cpu_offload: bool = f(False, "FSDP2 CPUOffloadPolicy: sharded parameters, gradients and optimizer state live in host memory and the optimizer steps there (CUDA, learner.world_size > 1 only).")
+    export_hf: bool = f(True, "At the end of training, write the final weights as an HF model (config.json + safetensors + processor) to run_dir/model, loadable by from_pretrained and vLLM.")
     weight_transport: str = f("grpc", "How weights reach the rollout workers: grpc (LearnerServer.publish; any device) | nccl (torch.distributed broadcast; CUDA only, UNVERIFIED).", choices=["grpc", "nccl"])
     batch_timeout_s: float = f(60.0, "How long one wait for a batch may take before the loop logs that it is starved and waits again.", min=0.1)
     total_steps: int = f(0, "Stop after this many optimizer steps (counting resumed ones); 0 = run until stopped (`weft train` needs it > 0).", min=0)
@@ -181,6 +187,7 @@ class RunConfig:
     max_actor_restarts: int = f(-1, "How often Ray restarts a dead rollout worker or env actor (-1 = always). Groups they were running are run again.", min=-1)
     probe_every_s: float = f(5.0, "Seconds between health probes of the actor pools (dead actors are taken out of service until they answer again).", min=0.1)
     drain_timeout_s: float = f(300.0, "At the end, how long the driver waits for groups still running before it stops the workers; those groups are reported as abandoned.", min=0.0)
+    max_learner_restarts: int = f(3, "How often the driver restarts a learner group that lost a rank (it resumes from the newest checkpoint; groups accepted after it are run again). 0 = a lost rank ends the run.", min=0)
     ray_num_cpus: Optional[int] = f(None, "CPUs of the local Ray cluster train.py starts when RAY_ADDRESS is unset (None = all of this machine's). Ignored for an existing cluster.", min=1)
 
 

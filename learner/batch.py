@@ -164,15 +164,84 @@ def process_images(images: list[np.ndarray], token_ids: np.ndarray, processor: A
 # ------------------------------------------------------------------ batch
 
 
-def _zero_variance(trajs: list[tuple[int, Trajectory]], counts: dict[str, int]) -> list[tuple[int, Trajectory]]:
-    """Drop the trajectories of groups whose rewards all agree (one-sample groups included)."""
-    if not trajs:
-        return trajs
-    rewards = torch.tensor([t.reward for _, t in trajs], dtype=torch.float64)
-    gidx = torch.tensor([g for g, _ in trajs], dtype=torch.long)
-    flat, n_groups = grpo.zero_variance_groups(rewards, gidx)
+def _zero_variance(items: list[tuple[int, Any]], counts: dict[str, int],
+                   rewards: Optional[Sequence[float]] = None) -> list[tuple[int, Any]]:
+    """Drop the (group index, item) pairs of groups whose rewards all agree (one-sample groups
+    included); rewards are the items' own (`.reward`) unless given."""
+    if not items:
+        return items
+    r = [t.reward for _, t in items] if rewards is None else list(rewards)
+    flat, n_groups = grpo.zero_variance_groups(torch.tensor(r, dtype=torch.float64),
+                                               torch.tensor([g for g, _ in items], dtype=torch.long))
     counts["zero_variance_groups"] += n_groups
-    return [x for x, f in zip(trajs, flat.tolist()) if not f]
+    return [x for x, f in zip(items, flat.tolist()) if not f]
+
+
+Live = list[tuple[int, Trajectory]]  # (group index in the step, trajectory)
+
+
+def new_counts() -> dict[str, int]:
+    return {**{f"dropped/{r}": 0 for r in DROP_REASONS}, "zero_variance_groups": 0}
+
+
+def select(groups: Sequence[Group], counts: dict[str, int]) -> Live:
+    """The trajectories worth decoding: FAILED/ABORTED ones dropped, then zero-variance groups (counted)."""
+    live: Live = []
+    for gi, group in enumerate(groups):
+        for t in group.trajectories:
+            if t.status in SKIP_STATUSES:
+                counts[f"dropped/{SKIP_STATUSES[t.status]}"] += 1
+            else:
+                live.append((gi, t))
+    return _zero_variance(live, counts)
+
+
+def materialise(live: Live, *, processor: Any, image_token_id: Optional[int], banned: Sequence[int] = (),
+                decoder: Any = None, counts: dict[str, int], errors: list[str]) -> list[tuple[int, Trajectory, tuple]]:
+    """(row, trajectory, (images, pixel_values, image_grid_thw)) of each of `live` (rows are its
+    indices) whose images re-decode exactly and fit its image tokens; the rest dropped and counted."""
+    if decoder is None and any(t.pixels is None and t.media for _, t in live):
+        from env.video import get_decoder
+
+        decoder = get_decoder()
+    decoded = decode_refs([r for _, t in live if t.pixels is None for r in t.media], decoder) if decoder else {}
+    banned_arr = np.asarray(sorted(banned), dtype=np.int64)
+    ready: list[tuple[int, Trajectory, tuple]] = []
+    for row, (_, t) in enumerate(live):
+        try:
+            ids = t.token_ids.astype(np.int64)
+            if banned_arr.size and np.isin(ids[t.loss_mask.astype(bool)], banned_arr).any():
+                raise MediaError("banned_token", "a generated token is a banned (placeholder) id")
+            images = checked_images(t, decoded)
+            ready.append((row, t, (images, *process_images(images, ids, processor, image_token_id))))
+        except MediaError as e:
+            counts[f"dropped/{e.reason}"] += 1
+            if len(errors) < 5:
+                errors.append(f"{t.traj_id or t.group_id}: {e}")
+    return ready
+
+
+def score(table: Sequence[tuple[int, float]], rows: Sequence[int], adv_mode: str,
+          counts: Optional[dict[str, int]] = None) -> dict[int, float]:
+    """Advantage of each row that is left: `table[row]` = (group index, reward) of every selected
+    trajectory, `rows` those whose media survived. Groups whose survivors all agree are dropped
+    (counted) first. Pure, so every rank of a sharded learner computes the same numbers."""
+    rows = sorted(rows)
+    kept = _zero_variance([(table[r][0], r) for r in rows], counts if counts is not None else new_counts(),
+                          rewards=[table[r][1] for r in rows])
+    if not kept:
+        return {}
+    rewards = torch.tensor([table[r][1] for _, r in kept], dtype=torch.float64)
+    adv = grpo.group_advantages(rewards, torch.tensor([g for g, _ in kept]), mode=adv_mode)
+    if not bool((adv != 0).any()):
+        raise RuntimeError(f"all {len(kept)} advantages of the batch are zero after filtering zero-variance groups")
+    return {r: float(a) for (_, r), a in zip(kept, adv.tolist())}
+
+
+def to_sample(t: Trajectory, media: tuple, advantage: float) -> Sample:
+    images, pv, grid = media
+    return Sample(t.token_ids.astype(np.int64), t.loss_mask.astype(bool), t.behavior_logprobs.astype(np.float32),
+                  float(advantage), t.traj_id, pv, grid, images)
 
 
 def prepare_batch(groups: Sequence[Group], *, processor: Any, image_token_id: Optional[int],
@@ -183,46 +252,13 @@ def prepare_batch(groups: Sequence[Group], *, processor: Any, image_token_id: Op
     trajectories: they are dropped and counted. Raises RuntimeError when what is left
     has only zero advantages (it cannot: zero-variance groups are gone, so that is a bug).
     """
-    counts = {**{f"dropped/{r}": 0 for r in DROP_REASONS}, "zero_variance_groups": 0}
-    errors: list[str] = []
-    live: list[tuple[int, Trajectory]] = []
-    for gi, group in enumerate(groups):
-        for t in group.trajectories:
-            if t.status in SKIP_STATUSES:
-                counts[f"dropped/{SKIP_STATUSES[t.status]}"] += 1
-            else:
-                live.append((gi, t))
-    live = _zero_variance(live, counts)
-    if decoder is None and any(t.pixels is None and t.media for _, t in live):
-        from env.video import get_decoder
-
-        decoder = get_decoder()
-    decoded = decode_refs([r for _, t in live if t.pixels is None for r in t.media], decoder) if decoder else {}
-    banned_arr = np.asarray(sorted(banned), dtype=np.int64)
-    ready: list[tuple[int, Trajectory, tuple]] = []
-    for gi, t in live:
-        try:
-            ids = t.token_ids.astype(np.int64)
-            if banned_arr.size and np.isin(ids[t.loss_mask.astype(bool)], banned_arr).any():
-                raise MediaError("banned_token", "a generated token is a banned (placeholder) id")
-            images = checked_images(t, decoded)
-            ready.append((gi, t, (images, *process_images(images, ids, processor, image_token_id))))
-        except MediaError as e:
-            counts[f"dropped/{e.reason}"] += 1
-            if len(errors) < 5:
-                errors.append(f"{t.traj_id or t.group_id}: {e}")
-    kept = {id(t) for _, t in _zero_variance([(g, t) for g, t, _ in ready], counts)}
-    ready = [x for x in ready if id(x[1]) in kept]
-    samples: list[Sample] = []
-    if ready:
-        rewards = torch.tensor([t.reward for _, t, _ in ready], dtype=torch.float64)
-        adv = grpo.group_advantages(rewards, torch.tensor([g for g, _, _ in ready]), mode=adv_mode)
-        if not bool((adv != 0).any()):
-            raise RuntimeError(f"all {len(ready)} advantages of the batch are zero after filtering zero-variance groups")
-        for (gi, t, (images, pv, grid)), a in zip(ready, adv.tolist()):
-            samples.append(Sample(t.token_ids.astype(np.int64), t.loss_mask.astype(bool),
-                                  t.behavior_logprobs.astype(np.float32), float(a), t.traj_id, pv, grid, images))
-    counts["groups_trained"] = len({g for g, _, _ in ready})
+    counts, errors = new_counts(), []
+    live = select(groups, counts)
+    ready = materialise(live, processor=processor, image_token_id=image_token_id, banned=banned, decoder=decoder,
+                        counts=counts, errors=errors)
+    adv = score([(g, t.reward) for g, t in live], [row for row, _, _ in ready], adv_mode, counts)
+    samples = [to_sample(t, media, adv[row]) for row, t, media in ready if row in adv]
+    counts["groups_trained"] = len({live[row][0] for row, _, _ in ready if row in adv})
     counts["trajectories_trained"] = len(samples)
     return Prepared(samples, counts, errors)
 

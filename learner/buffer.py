@@ -171,6 +171,11 @@ class GroupBuffer:
         self._counters["rejected"] += 1
         self._rejected[reason] = self._rejected.get(reason, 0) + 1
 
+    def seen_ids(self) -> list[str]:
+        """The group ids in the exactly-once window, oldest first."""
+        with self._cond:
+            return list(self._seen)
+
     def close(self) -> None:
         """Wake every waiter: blocked puts answer RETRY_LATER, blocked get_batch returns []."""
         with self._cond:

@@ -1,16 +1,20 @@
-"""Checkpoints of the learner: save atomically, find the newest complete one, restore RNG state.
+"""Checkpoints of the learner: torch.distributed.checkpoint for the weights and optimizer, saved atomically.
 
 A checkpoint is a directory `run_dir/checkpoints/step_00000012/` holding
-* `model/`: the weights in HF format (`save_pretrained`) with the processor, so it
-  loads like any HF checkpoint (and a rollout engine can start from it);
-* `trainer_state.pt`: optimizer state, step, version, data cursor, RNG states
-  (python, numpy, torch, cuda) and the server's state (buffer seen-set and waiting
-  groups: exactly-once across restarts); plain types and tensors only, so it
-  loads with `torch.load(weights_only=True)`;
-* `meta.json`: step, version, time, written last.
-It is written under a temporary name and renamed into place (atomic on one file
-system), so a learner killed mid-save leaves the previous checkpoint complete and
-usable; leftovers of such a save are removed at the next save.
+* `dcp/`: model and optimizer state as torch.distributed.checkpoint (DCP) writes them: every
+  rank writes its own shards, and the metadata records global shapes, so a checkpoint
+  written at one world size loads at any other (DCP reshards; world size 1 loads it into
+  plain tensors without a process group);
+* `model/`: the HF config and the processor (no weights), so a checkpoint says what model it is;
+* `trainer_state.pt` (rank 0): step, version, data cursor, RNG states (python, numpy, torch,
+  cuda) and the server's state (buffer seen-set and waiting groups: exactly-once across
+  restarts); plain types and tensors, loadable with `torch.load(weights_only=True)`;
+* `meta.json`: step, version, world size, time, written last.
+It is written under a temporary name and renamed into place (atomic on one file system), so a
+learner killed mid-save leaves the previous checkpoint complete; the next save removes the
+leftovers. Every rank must see the same run dir (one node, or a shared file system), as for
+any DCP checkpoint. The final weights are exported separately as an HF model
+(`learner.policy.Policy.export_hf`).
 """
 
 from __future__ import annotations
@@ -27,6 +31,8 @@ from typing import Any, Optional
 import numpy as np
 import torch
 
+from learner.distributed import Comm
+
 CHECKPOINTS = "checkpoints"
 _NAME = re.compile(r"^step_(\d{8,})$")
 
@@ -36,9 +42,16 @@ def checkpoint_dir(run_dir: str | Path) -> Path:
 
 
 def is_complete(path: Path) -> bool:
-    """A finished checkpoint: final name, meta, trainer state and model config all present."""
+    """A finished checkpoint: final name, meta, trainer state, DCP metadata and model config all present."""
     return (_NAME.match(path.name) is not None and (path / "meta.json").is_file()
-            and (path / "trainer_state.pt").is_file() and (path / "model" / "config.json").is_file())
+            and (path / "trainer_state.pt").is_file() and (path / "dcp" / ".metadata").is_file()
+            and (path / "model" / "config.json").is_file())
+
+
+def _pre_dcp(path: Path) -> bool:
+    """A checkpoint of weft before DCP (HF weights under model/, optimizer in trainer_state.pt)."""
+    return ((path / "meta.json").is_file() and (path / "trainer_state.pt").is_file()
+            and not (path / "dcp").exists() and any((path / "model").glob("*.safetensors")))
 
 
 def list_checkpoints(run_dir: str | Path) -> list[Path]:
@@ -46,8 +59,13 @@ def list_checkpoints(run_dir: str | Path) -> list[Path]:
     root = checkpoint_dir(run_dir)
     if not root.is_dir():
         return []
-    found = [p for p in root.iterdir() if p.is_dir() and is_complete(p)]
-    return sorted(found, key=lambda p: int(_NAME.match(p.name).group(1)))
+    dirs = [p for p in root.iterdir() if p.is_dir() and _NAME.match(p.name)]
+    old = [p for p in dirs if _pre_dcp(p)]
+    if old:
+        raise ValueError(f"{old[0]} is a checkpoint of the old format (HF weights, no dcp/); this learner "
+                         "cannot resume it: its model/ is an HF model directory, start from it with --model "
+                         "and trainer.resume=never")
+    return sorted((p for p in dirs if is_complete(p)), key=lambda p: int(_NAME.match(p.name).group(1)))
 
 
 def latest_checkpoint(run_dir: str | Path) -> Optional[Path]:
@@ -64,32 +82,64 @@ def resolve_resume(resume: str, run_dir: str | Path) -> Optional[Path]:
     path = Path(resume)
     if not is_complete(path):
         raise FileNotFoundError(f"resume={resume!r} is not a complete checkpoint directory "
-                                "(need step_NNNNNNNN/ with meta.json, trainer_state.pt and model/config.json)")
+                                "(need step_NNNNNNNN/ with meta.json, trainer_state.pt, dcp/ and model/config.json)")
     return path
 
 
-def save_checkpoint(run_dir: str | Path, step: int, model: Any, processor: Any, state: dict[str, Any],
-                    keep: int = 3) -> Path:
-    """Write checkpoint `step` atomically and delete all but the newest `keep`; returns its path."""
+def save_checkpoint(run_dir: str | Path, step: int, policy: Any, optimizer: Any, processor: Any,
+                    state: Optional[dict[str, Any]], comm: Comm, keep: int = 3) -> Path:
+    """Write checkpoint `step` (every rank calls this; `state` is rank 0's) and keep the newest `keep`."""
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.state_dict import get_state_dict
+
     root = checkpoint_dir(run_dir)
-    root.mkdir(parents=True, exist_ok=True)
-    for stale in root.glob(".tmp-*"):  # a save that was killed half-way
-        shutil.rmtree(stale, ignore_errors=True)
     final = root / f"step_{step:08d}"
-    tmp = root / f".tmp-{final.name}-{os.getpid()}"
-    model.save_pretrained(tmp / "model")
-    if processor is not None:
-        processor.save_pretrained(tmp / "model")
-    torch.save(state, tmp / "trainer_state.pt")
-    meta = {"step": int(step), "version": int(state.get("version", step)), "time": time.time()}
-    (tmp / "meta.json").write_text(json.dumps(meta))
-    _fsync_tree(tmp)
-    if final.exists():  # the same step saved again (a resumed run that re-did a step): replace it
-        shutil.rmtree(final)
-    os.replace(tmp, final)
-    for old in list_checkpoints(run_dir)[:-keep]:
-        shutil.rmtree(old, ignore_errors=True)
+    tmp = root / f".tmp-{final.name}"
+    if comm.is_main:
+        root.mkdir(parents=True, exist_ok=True)
+        for stale in root.glob(".tmp-*"):  # a save that was killed half-way
+            shutil.rmtree(stale, ignore_errors=True)
+        tmp.mkdir()
+    comm.barrier()
+    model_sd, optim_sd = get_state_dict(policy.module, optimizer)
+    dcp.save({"model": model_sd, "optim": optim_sd}, checkpoint_id=str(tmp / "dcp"))
+    if comm.is_main:
+        policy.hf.config.save_pretrained(tmp / "model")
+        if processor is not None:
+            processor.save_pretrained(tmp / "model")
+        torch.save(state, tmp / "trainer_state.pt")
+        meta = {"step": int(step), "version": int(state.get("version", step)), "world_size": comm.world,
+                "time": time.time()}
+        (tmp / "meta.json").write_text(json.dumps(meta))
+        _fsync_tree(tmp)
+        if final.exists():  # the same step saved again (a resumed run that re-did a step): replace it
+            shutil.rmtree(final)
+        os.replace(tmp, final)
+        for old in list_checkpoints(run_dir)[:-keep]:
+            shutil.rmtree(old, ignore_errors=True)
+    comm.barrier()
     return final
+
+
+def load_checkpoint(path: str | Path, policy: Any, optimizer: Any, device: Any = "cpu") -> dict[str, Any]:
+    """Load a checkpoint's weights and optimizer state into this rank's (plain or sharded) policy and
+    optimizer, resharding as needed; returns the trainer state."""
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint import FileSystemReader
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_state_dict, set_state_dict
+
+    path = Path(path)
+    model_sd, optim_sd = get_state_dict(policy.module, optimizer)
+    saved = set(FileSystemReader(str(path / "dcp")).read_metadata().state_dict_metadata)
+    # A parameter that never had a gradient before the save has no optimizer state in it: leave its
+    # state to be created at its first gradient, as it would have been in the uninterrupted run.
+    optim_sd["state"] = {k: v for k, v in optim_sd["state"].items()
+                         if any(s.startswith(f"optim.state.{k}.") for s in saved)}
+    target = {"model": model_sd, "optim": optim_sd}
+    dcp.load(target, checkpoint_id=str(path / "dcp"))
+    set_state_dict(policy.module, optimizer, model_state_dict=target["model"], optim_state_dict=target["optim"],
+                   options=StateDictOptions(strict=False))
+    return load_state(path, device)
 
 
 def _fsync_tree(path: Path) -> None:

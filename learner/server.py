@@ -99,10 +99,8 @@ def build_snapshot(version: int, named_tensors: NamedTensors, bucket_bytes: int)
 
     The bytes are copied here, so the caller's tensors may change afterwards.
     """
-    items = list(named_tensors.items() if isinstance(named_tensors, Mapping) else named_tensors)
-    names = [n for n, _ in items]
-    if len(set(names)) != len(names):
-        raise ValueError("publish: tensor names must be unique")
+    items = named_tensors.items() if isinstance(named_tensors, Mapping) else named_tensors
+    names: set[str] = set()  # consumed lazily: a sharded learner gathers the tensors a bucket at a time
     chunks: list[bytes] = []
     data_bytes: list[int] = []
     slices: list[pb.TensorSlice] = []
@@ -121,6 +119,9 @@ def build_snapshot(version: int, named_tensors: NamedTensors, bucket_bytes: int)
         slices, parts, filled = [], [], 0
 
     for name, t in items:
+        if name in names:
+            raise ValueError(f"publish: tensor names must be unique ({name!r} twice)")
+        names.add(name)
         flat = tensor_bytes(t)
         n = int(flat.size)
         meta = {"name": name, "dtype": str(t.dtype).removeprefix("torch."), "shape": list(t.shape), "tensor_nbytes": n}
@@ -137,7 +138,7 @@ def build_snapshot(version: int, named_tensors: NamedTensors, bucket_bytes: int)
                 break
     if slices:
         flush()
-    header = pb.VersionHeader(version=version, num_chunks=len(chunks), num_tensors=len(items),
+    header = pb.VersionHeader(version=version, num_chunks=len(chunks), num_tensors=len(names),
                               total_bytes=sum(data_bytes))
     return WeightSnapshot(version, pb.WeightMessage(header=header).SerializeToString(), chunks, data_bytes)
 
@@ -326,6 +327,12 @@ class LearnerServer:
 
     def set_step(self, step: int) -> None:
         self._step = int(step)
+
+    def advance_version(self, version: int) -> None:
+        """Move the current version up to `version` without publishing (a learner resumed after a crash
+        continues above every version its lost predecessor may have handed out)."""
+        with self._lock:
+            self._version = max(self._version, int(version))
 
     def get_batch(self, n_groups: int, timeout: Optional[float] = None) -> list[Group]:
         """`n_groups` fresh groups for the next step, or [] after `timeout` s (see GroupBuffer.get_batch)."""

@@ -33,13 +33,14 @@ PROGRESS_METRICS = ("step", "skipped", "reward_mean", "accuracy", "staleness_mea
 class LearnerService:
     """Server and trainer of one learner; training runs on a thread so calls stay answerable."""
 
-    def __init__(self, cfg: WeftConfig, model_dir: Optional[str | Path] = None) -> None:
+    def __init__(self, cfg: WeftConfig, model_dir: Optional[str | Path] = None, *, comm: Any = None) -> None:
         if cfg.trainer.run_dir is None:
             cfg.trainer.run_dir = default_run_dir()
         fill_learner_limits(cfg, model_dir)
         self.cfg = cfg
         self.server = LearnerServer(cfg.learner, TrainerHooks(status_metrics=self._numbers))
-        self.trainer = Trainer(cfg, model_dir, server=self.server)
+        # comm: rank 0 of a sharded learner (the other ranks run Trainer.follow, actors/learner_actor.py).
+        self.trainer = Trainer(cfg, model_dir, server=self.server, comm=comm)
         lc = cfg.learner  # after the model and optimizer exist, so that gc.freeze covers them
         tune_process(lc.gc_freeze, lc.gc_threshold0, lc.malloc_keep_mb)
         self._stop = threading.Event()
@@ -85,6 +86,10 @@ class LearnerService:
                 "subscribers": self.server.status().subscribers, "idle_frac": min(self._idle_s / wall, 1.0),
                 "done": self.done(), "error": self._error,
                 "metrics": {k: m[k] for k in PROGRESS_METRICS if k in m}}
+
+    def seen_group_ids(self) -> list[str]:
+        """Group ids this learner has accepted (restored from its checkpoint after a restart)."""
+        return self.server.buffer.seen_ids()
 
     def done(self) -> bool:
         return self._thread is not None and not self._thread.is_alive()

@@ -31,7 +31,7 @@ import math
 import threading
 import time
 from pathlib import Path
-from typing import Any, Callable, Optional, Sequence
+from typing import Any, Callable, NamedTuple, Optional, Sequence
 
 import numpy as np
 import torch
@@ -39,19 +39,23 @@ from torch import Tensor
 
 from configs.schema import WeftConfig
 from learner import checkpoint as ckpt
-from learner.batch import MicroBatch, Prepared, Sample, collate, pack, prepare_batch
+from learner.batch import (MicroBatch, Prepared, Sample, collate, materialise, new_counts, pack, prepare_batch, score,
+                           select, to_sample)
 from learner.buffer import oldest_version
+from learner.distributed import Comm, balanced_split
 from learner.kernels.chunked import chunked_token_logprobs
 from learner.loss import fused_policy_loss
 from learner.metrics import MetricsLogger
-from learner.weights import DTYPES, named_weights
-from protos.records import Group, Status
+from learner.policy import dummy_vision_inputs, load_policy
+from learner.weights import DTYPES
+from protos.records import Group, Status, Trajectory
 
 log = logging.getLogger(__name__)
 
 _SUM_METRICS = ("tokens",)
 _MAX_METRICS = ("is_weight_max",)
 _LOSS_METRICS = ("loss", "pg_loss")
+GATHER_BUCKET_BYTES = 256 * 2**20  # sharded: weights are all-gathered about this much (whole layers) at a time
 
 
 # ------------------------------------------------------------------ devices and model pieces
@@ -104,20 +108,6 @@ def pad_id_of(tokenizer: Any, avoid: Sequence[Optional[int]]) -> int:
     return next(i for i in range(len(tokenizer)) if i not in avoid)
 
 
-def micro_weights(masks: Sequence[Tensor], loss_agg: str) -> list[float]:
-    """Weight of each micro-batch's loss so their sum is the loss of all of them together.
-
-    The fused loss normalises by its own micro-batch: tokens for token-mean, sequences
-    (with a loss token) for the seq-mean aggregations; the weight is its share.
-    """
-    if loss_agg == "token-mean":
-        n = [float(m.sum()) for m in masks]
-    else:
-        n = [float((m.sum(-1) > 0).sum()) for m in masks]
-    total = sum(n)
-    return [x / total if total else 0.0 for x in n]
-
-
 def combine_metrics(parts: Sequence[tuple[dict[str, Tensor], float, float]]) -> dict[str, float]:
     """Micro-batch metrics -> step metrics. parts: (metrics, token share, loss weight).
 
@@ -142,38 +132,61 @@ def combine_metrics(parts: Sequence[tuple[dict[str, Tensor], float, float]]) -> 
 # ------------------------------------------------------------------ the trainer
 
 
+class StepShare(NamedTuple):
+    """What rank 0 hands one rank for a step: its trajectories (rows into `table`) and the
+    (group index, reward) of every selected trajectory, from which each rank computes the
+    same advantages."""
+
+    rows: list[int]
+    trajectories: list[Trajectory]
+    table: list[tuple[int, float]]
+
+
 class Trainer:
-    """Owns the model, optimizer, step/version counters, checkpoints and metrics of one learner.
+    """Owns the model, optimizer, step/version counters, checkpoints and metrics of one learner rank.
 
     `resume` (trainer.resume) decides where the weights come from: the newest complete
     checkpoint under trainer.run_dir ("auto"), `model_dir` ("never"), or a given
     checkpoint. Pass the LearnerServer *before starting it*: its state (buffer,
-    seen-set, version) is restored from the checkpoint here.
+    seen-set, version) is restored from the checkpoint here. `comm` is this rank's place in
+    a sharded learner (learner/distributed.py; default: one process). Rank 0 drives: its
+    `train_step(groups)` and `run()` hand every other rank its share of each step, and those
+    ranks sit in `follow()`.
+
+    Versions name weights, so no two weight sets may share one: before publishing a version the
+    trainer writes it to run_dir/published_version, and a trainer resumed from a checkpoint
+    older than what its lost predecessor had published continues above that (rollout workers
+    may hold, and have sampled with, those lost weights).
     """
 
     def __init__(self, cfg: WeftConfig, model_dir: Optional[str | Path] = None, *, server: Any = None,
-                 log_metrics: bool = True) -> None:
-        from models.hf import banned_token_ids, load_hf_model, load_processor
+                 log_metrics: bool = True, comm: Optional[Comm] = None) -> None:
+        from models.hf import banned_token_ids, load_processor
 
         self.cfg, self.tc = cfg, cfg.trainer
         check_trainer_config(cfg)
         if self.tc.run_dir is None:
             self.tc.run_dir = default_run_dir()
         self.run_dir = Path(self.tc.run_dir)
-        self.device = resolve_device(self.tc.device)
+        self.comm = comm or Comm(device=resolve_device(self.tc.device))
+        self.device = self.comm.device
         self.dtype = compute_dtype(self.tc.dtype, self.device)
         self.resumed_from = ckpt.resolve_resume(self.tc.resume, self.run_dir)
-        source = self.resumed_from / "model" if self.resumed_from else model_dir
-        if source is None or not (Path(source) / "config.json").is_file():
-            raise FileNotFoundError(f"no checkpoint under {self.run_dir} and no HF model directory given ({source})")
-        self.model = load_hf_model(source, "float32", str(self.device)).train()
-        self.processor = load_processor(source)
+        source = weights_source(model_dir, self.resumed_from)
+        sharded = self.comm.distributed
+        self.policy = load_policy(source, self.comm, mixed_precision=sharded and self.dtype != torch.float32,
+                                  cpu_offload=self.tc.cpu_offload, gradient_checkpointing=self.tc.gradient_checkpointing)
+        # Sharded, FSDP2 casts to the compute dtype itself; one process uses autocast as before.
+        self.autocast_dtype = torch.float32 if sharded else self.dtype
+        self.model = self.policy.hf
+        self.processor = load_processor(self.resumed_from / "model" if self.resumed_from else source)
         self.tokenizer = getattr(self.processor, "tokenizer", self.processor)
         self.image_token_id, self.video_token_id = token_ids_of(self.model)
         self.banned_list = banned_token_ids(self.model.config, len(self.tokenizer))
         self.banned = torch.tensor(self.banned_list, dtype=torch.long, device=self.device)
         self.pad_id = pad_id_of(self.tokenizer, (self.image_token_id, self.video_token_id))
-        self.params = [p for p in self.model.parameters() if p.requires_grad]
+        self.dummy_vision = dummy_vision_inputs(self.processor, self.device) if sharded else None
+        self.params = self.policy.parameters()
         self.optimizer = torch.optim.AdamW(self.params, lr=self.tc.lr, betas=tuple(self.tc.betas), eps=self.tc.eps,
                                            weight_decay=self.tc.weight_decay)
         self.server = server
@@ -186,24 +199,37 @@ class Trainer:
         if self.resumed_from is not None:
             self._restore(self.resumed_from)
             self.saved_step = self.step
+        lost = published_version(self.run_dir)
+        if self.resumed_from is not None and lost is not None and lost > self.version:
+            self.version = lost + 1
+            if self.server is not None:
+                self.server.advance_version(self.version)
         self.metrics = (MetricsLogger(self.run_dir, self.tc.tensorboard, self.step if self.resumed_from else None)
-                        if log_metrics else None)
+                        if log_metrics and self.comm.is_main else None)
 
     # ---- checkpoints
     def state(self) -> dict[str, Any]:
-        """Everything but the weights that a restart needs (plain types and tensors)."""
+        """Everything but the weights and optimizer that a restart needs (plain types and tensors)."""
         from configs.loader import to_yaml
 
-        return {"step": self.step, "version": self.version, "optimizer": self.optimizer.state_dict(),
-                "cursor": dict(self.cursor), "rng": ckpt.rng_state(),
+        return {"step": self.step, "version": self.version, "cursor": dict(self.cursor), "rng": ckpt.rng_state(),
                 "server": self.server.state_dict() if self.server is not None else None, "config": to_yaml(self.cfg)}
 
     def save(self) -> Path:
-        path = ckpt.save_checkpoint(self.run_dir, self.step, self.model, self.processor, self.state(),
+        """A checkpoint of this step (every rank takes part; rank 0 drives it in `run`)."""
+        path = ckpt.save_checkpoint(self.run_dir, self.step, self.policy, self.optimizer, self.processor,
+                                    self.state() if self.comm.is_main else None, self.comm,
                                     keep=self.tc.keep_checkpoints)
         self.saved_step = self.step
-        log.info("checkpoint %s (step %d, version %d)", path, self.step, self.version)
+        if self.comm.is_main:
+            log.info("checkpoint %s (step %d, version %d)", path, self.step, self.version)
         return path
+
+    def export(self, out_dir: Optional[str | Path] = None) -> Optional[Path]:
+        """The current weights as an HF model directory (default run_dir/model); every rank takes part."""
+        dtype = getattr(self.model.config, "dtype", None)
+        dtype = dtype if isinstance(dtype, torch.dtype) else DTYPES.get(str(dtype), torch.float32)
+        return self.policy.export_hf(out_dir or self.run_dir / "model", self.processor, dtype)
 
     def save_samples(self, groups: Sequence[Group]) -> Path:
         """The step's trajectories (FrameRefs, not pixels) for `weft view`; written whole or not at all."""
@@ -217,14 +243,14 @@ class Trainer:
         return out
 
     def _restore(self, path: Path) -> None:
-        state = ckpt.load_state(path, self.device)
-        self.optimizer.load_state_dict(state["optimizer"])
+        state = ckpt.load_checkpoint(path, self.policy, self.optimizer, "cpu")
         self.step, self.version = int(state["step"]), int(state["version"])
         self.cursor.update({k: int(v) for k, v in state["cursor"].items()})
         ckpt.set_rng_state(state["rng"])
         if self.server is not None and state.get("server") is not None:
             self.server.load_state_dict(state["server"])
-        log.info("resumed from %s at step %d, version %d", path, self.step, self.version)
+        if self.comm.is_main:
+            log.info("resumed from %s at step %d, version %d", path, self.step, self.version)
 
     # ---- weights
     def publish_dtype(self) -> torch.dtype:
@@ -232,53 +258,86 @@ class Trainer:
         return DTYPES[name]
 
     def publish(self) -> None:
-        """Hand the current weights to the rollout workers as `self.version`."""
-        if self.server is not None:
+        """Hand the current weights to the rollout workers as `self.version` (sharded: every rank
+        takes part in gathering them, rank 0 publishes)."""
+        if self.server is None and not self.policy.sharded:
+            return
+        named = self.policy.named_tensors(self.publish_dtype(), GATHER_BUCKET_BYTES)
+        if self.server is not None and self.comm.is_main:
+            mark_published(self.run_dir, self.version)
             self.server.set_step(self.step)
-            self.server.publish(self.version, named_weights(self.model, self.publish_dtype()))
+            self.server.publish(self.version, named)
+        else:
+            for _ in named:  # this rank's part of each bucket's all-gather
+                pass
 
     # ---- per-token logprobs
-    def prepare(self, groups: Sequence[Group]) -> Prepared:
+    def _decoder(self) -> Any:
         if self.decoder is None:
             from env.video import get_decoder
 
             self.decoder = get_decoder(self.cfg.env.cache_bytes, self.cfg.env.reader_pool_size)
+        return self.decoder
+
+    def prepare(self, groups: Sequence[Group]) -> Prepared:
         return prepare_batch(groups, processor=self.processor, image_token_id=self.image_token_id,
-                             banned=self.banned_list, adv_mode=self.tc.adv_mode, decoder=self.decoder)
+                             banned=self.banned_list, adv_mode=self.tc.adv_mode, decoder=self._decoder())
 
     def micro_batches(self, samples: Sequence[Sample]) -> list[MicroBatch]:
         return [collate([samples[i] for i in idx], pad_id=self.pad_id, image_token_id=self.image_token_id,
                         video_token_id=self.video_token_id, device=self.device)
                 for idx in pack([s.num_tokens for s in samples], self.tc.micro_batch_tokens)]
 
-    def _hidden(self, mb: MicroBatch) -> Tensor:
-        with autocast(self.device, self.dtype):
-            hidden = hidden_states(self.model, mb.inputs)[:, :-1]
-        # Under autocast the residual stream (and so the final norm's output) may stay fp32; the
-        # LM head then runs in the compute dtype, as the engine's does.
-        return hidden if self.dtype == torch.float32 else hidden.to(self.dtype)
+    def _forward(self, mb: Optional[MicroBatch], head: Callable[[Tensor, Tensor], Any]) -> tuple[Any, Optional[Tensor]]:
+        """Run the policy on a micro-batch (None: this rank's filler, see `_step`) and `head` on its
+        shifted final hidden states and the LM head. The head runs outside autocast: the fused loss
+        keeps its own fp32 accumulators."""
+        inputs = mb.inputs if mb is not None else self._filler_inputs()
+        dummy = self.dummy_vision if self.dummy_vision is not None and "pixel_values" not in inputs else None
 
-    def _head(self, hidden: Tensor) -> Tensor:
-        w = lm_head_weight(self.model)
-        return w if w.dtype == hidden.dtype else w.to(hidden.dtype)
+        def shifted(hidden: Tensor, weight: Tensor) -> Any:
+            hidden = hidden[:, :-1]
+            # Under autocast the residual stream (and so the final norm's output) may stay fp32; the
+            # LM head then runs in the compute dtype, as the engine's does.
+            hidden = hidden if self.autocast_dtype == torch.float32 else hidden.to(self.autocast_dtype)
+            weight = weight if weight.dtype == hidden.dtype else weight.to(hidden.dtype)
+            with torch.autocast(self.device.type, enabled=False):
+                return head(hidden, weight)
+
+        with autocast(self.device, self.autocast_dtype):
+            return self.policy(inputs, shifted, dummy)
+
+    def _filler_inputs(self) -> dict[str, Tensor]:
+        """Two pad tokens: the forward a rank with fewer micro-batches runs so its collectives match."""
+        ids = torch.full((1, 2), self.pad_id, dtype=torch.long, device=self.device)
+        return {"input_ids": ids, "attention_mask": torch.ones_like(ids)}
 
     @torch.no_grad()
-    def token_logprobs(self, mb: MicroBatch) -> Tensor:
+    def token_logprobs(self, mb: Optional[MicroBatch]) -> Optional[Tensor]:
         """Processed logprob of each loss token under the current weights `[B, T-1]` (0 elsewhere)."""
-        hidden = self._hidden(mb)
-        rows = mb.mask
-        out = torch.zeros(rows.shape, dtype=torch.float32, device=self.device)
-        if rows.any():
-            h = hidden[rows]
-            out[rows] = chunked_token_logprobs(h, self._head(h), mb.targets[rows], chunk_size=self.tc.chunk_size,
-                                               temperature=self.tc.temperature, banned=self.banned).float()
-        return out
+        def head(hidden: Tensor, weight: Tensor) -> Optional[Tensor]:
+            if mb is None:
+                return None
+            rows = mb.mask
+            out = torch.zeros(rows.shape, dtype=torch.float32, device=self.device)
+            if rows.any():
+                h = hidden[rows]
+                out[rows] = chunked_token_logprobs(h, weight, mb.targets[rows], chunk_size=self.tc.chunk_size,
+                                                   temperature=self.tc.temperature, banned=self.banned).float()
+            return out
 
-    def _loss(self, mb: MicroBatch, prox: Tensor) -> tuple[Tensor, dict[str, Tensor]]:
-        hidden = self._hidden(mb)
-        return fused_policy_loss(hidden, self._head(hidden), mb.targets, mb.advantages, prox, mb.behavior_logprobs,
-                                 mb.mask, self.cfg.loss, chunk_size=self.tc.chunk_size,
-                                 temperature=self.tc.temperature, banned=self.banned)
+        return self._forward(mb, head)[0]
+
+    def _loss(self, mb: Optional[MicroBatch], prox: Optional[Tensor]) -> tuple[Tensor, dict[str, Tensor]]:
+        def head(hidden: Tensor, weight: Tensor) -> tuple[Tensor, dict[str, Tensor]]:
+            if mb is None:  # the filler: zero, but every parameter of the pass is in the graph
+                return 0.0 * (hidden.float().sum() + weight.float().sum()), {}
+            return fused_policy_loss(hidden, weight, mb.targets, mb.advantages, prox, mb.behavior_logprobs,
+                                     mb.mask, self.cfg.loss, chunk_size=self.tc.chunk_size,
+                                     temperature=self.tc.temperature, banned=self.banned)
+
+        (loss, m), anchor = self._forward(mb, head)
+        return (loss if anchor is None else loss + anchor), m
 
     # ---- one step
     def lr_at(self, step: int) -> float:
@@ -286,61 +345,105 @@ class Trainer:
             return self.tc.lr
         return self.tc.lr * min(1.0, (step + 1) / self.tc.warmup_steps)
 
+    def plan(self, groups: Sequence[Group], counts: dict[str, int]) -> list[StepShare]:
+        """Rank 0: the trajectories worth training, split across ranks by token count."""
+        live = select(groups, counts)
+        table = [(g, float(t.reward)) for g, t in live]
+        parts = balanced_split([t.num_tokens for _, t in live], self.comm.world)
+        return [StepShare(rows, [live[r][1] for r in rows], table) for rows in parts]
+
     def train_step(self, groups: Sequence[Group]) -> dict[str, Any]:
-        """One GRPO step on `groups`; returns (and logs) its metrics. No update when nothing survives filtering."""
+        """One GRPO step on `groups` (rank 0; the other ranks train their share in `follow`); returns
+        (and logs) its metrics. No update when nothing survives filtering."""
         t0 = time.perf_counter()
         metrics = batch_metrics(groups, self.version)
-        prepared = self.prepare(groups)
-        for e in prepared.errors:
+        counts = new_counts()
+        _, share = self.comm.scatter([("step", s) for s in self.plan(groups, counts)])
+        return self._step(share, counts, metrics, groups, t0)
+
+    def _step(self, share: StepShare, counts: dict[str, int], metrics: dict[str, Any],
+              groups: Optional[Sequence[Group]], t0: float) -> dict[str, Any]:
+        """The part of a step every rank runs on its share, in lockstep: the same number of forwards
+        and backwards everywhere (a rank short of micro-batches runs fillers), normalisers summed
+        over ranks, gradients summed by FSDP2's reduce-scatter."""
+        comm = self.comm
+        errors: list[str] = []
+        live = list(zip([share.table[r][0] for r in share.rows], share.trajectories))
+        ready = materialise(live, processor=self.processor, image_token_id=self.image_token_id,
+                            banned=self.banned_list, decoder=self._decoder(), counts=counts, errors=errors)
+        survivors = [r for part in comm.all_gather([share.rows[i] for i, _, _ in ready]) for r in part]
+        adv = score(share.table, survivors, self.tc.adv_mode, counts if comm.is_main else None)
+        samples = [to_sample(t, media, adv[share.rows[i]]) for i, t, media in ready if share.rows[i] in adv]
+        for e in errors:
             log.warning("dropped trajectory %s", e)
-        metrics.update(prepared.counts)
-        self.cursor["groups_consumed"] += len(groups)
+        gathered = comm.gather(counts)
+        if comm.is_main:
+            metrics.update({k: sum(c[k] for c in gathered) for k in counts})
+            metrics["groups_trained"] = len({share.table[r][0] for r in adv})
+            metrics["trajectories_trained"] = len(adv)
+            self.cursor["groups_consumed"] += len(groups or ())
         t_prep = time.perf_counter()
         metrics["time/prepare_s"] = t_prep - t0
-        if not prepared.samples:
-            log.warning("step %d: nothing to train on after filtering %d groups", self.step, len(groups))
+        if not adv:
+            if comm.is_main:
+                log.warning("step %d: nothing to train on after filtering %d groups", self.step, len(groups or ()))
             return self._finish(metrics, t0, skipped=True)
-        mbs = self.micro_batches(prepared.samples)
+        mbs: list[Optional[MicroBatch]] = list(self.micro_batches(samples)) if samples else []
+        n_mb = comm.max(len(mbs))
+        mbs += [None] * (n_mb - len(mbs))
         prox = [self.token_logprobs(mb) for mb in mbs]
         t_prox = time.perf_counter()
-        n_updates = min(self.tc.updates_per_step, len(mbs))
-        splits = np.array_split(np.arange(len(mbs)), n_updates)
-        n_loss_tokens = float(sum(int(mb.mask.sum()) for mb in mbs))
+        n_updates = min(self.tc.updates_per_step, n_mb)
+        splits = np.array_split(np.arange(n_mb), n_updates)
+        # The normalisers of each update, over every rank's micro-batches of it (token-mean: loss tokens;
+        # the seq-mean aggregations: sequences with a loss token).
+        local = [[_norm_count(mbs[i], self.cfg.loss.loss_agg) for i in split] for split in splits]
+        totals = comm.sum([sum(c) for c in local])
+        n_loss_tokens = comm.sum([sum(float(mb.mask.sum()) for mb in mbs if mb is not None)])[0]
         parts, norms = [], []
-        self.model.train()
-        for split in splits:
+        self.policy.module.train()
+        for split, counts_k, total in zip(splits, local, totals):
             lr = self.lr_at(self.step)
             for g in self.optimizer.param_groups:
                 g["lr"] = lr
             self.optimizer.zero_grad(set_to_none=True)
-            weights = micro_weights([mbs[i].mask for i in split], self.cfg.loss.loss_agg)
-            for i, w in zip(split, weights):
+            for i, c in zip(split, counts_k):
+                w = c / total if total else 0.0
                 loss, m = self._loss(mbs[i], prox[i])
                 if not torch.isfinite(loss):
                     raise FloatingPointError(f"step {self.step}: non-finite loss {float(loss)}")
                 (loss * w).backward()
-                parts.append((m, float(mbs[i].mask.sum()) / max(n_loss_tokens, 1.0), w / n_updates))
+                if mbs[i] is not None:
+                    parts.append(({k: float(v) for k, v in m.items()},
+                                  float(mbs[i].mask.sum()) / max(n_loss_tokens, 1.0), w / n_updates))
             max_norm = self.tc.grad_clip if self.tc.grad_clip > 0 else math.inf
-            norms.append(float(torch.nn.utils.clip_grad_norm_(self.params, max_norm)))
+            norms.append(self.policy.clip_grad_norm_(max_norm))
             self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
         t_train = time.perf_counter()
-        metrics.update(combine_metrics(parts))
-        pad_slots = sum(mb.targets.numel() + mb.targets.shape[0] for mb in mbs)
-        metrics.update({"adv_abs_mean": float(np.mean([abs(s.advantage) for s in prepared.samples])),
-                        "tokens_total": sum(s.num_tokens for s in prepared.samples),
-                        "pad_frac": 1.0 - sum(mb.num_tokens for mb in mbs) / max(pad_slots, 1),
-                        "micro_batches": len(mbs), "updates": n_updates, "grad_norm": float(np.mean(norms)),
-                        "lr": lr, "time/prox_s": t_prox - t_prep, "time/train_s": t_train - t_prox})
+        real = [mb for mb in mbs if mb is not None]
+        pad_slots = sum(mb.targets.numel() + mb.targets.shape[0] for mb in real)
+        local_stats = {"parts": parts, "adv_abs": [abs(s.advantage) for s in samples],
+                       "tokens_total": sum(s.num_tokens for s in samples), "real_tokens": sum(mb.num_tokens for mb in real),
+                       "pad_slots": pad_slots, "micro_batches": len(real)}
+        stats = comm.gather(local_stats)
         self.step += 1
         self.version += 1
-        self.cursor["trajectories_trained"] += len(prepared.samples)
+        self.cursor["trajectories_trained"] += len(adv) if comm.is_main else 0
         t_pub = time.perf_counter()
         self.publish()
         metrics["time/publish_s"] = time.perf_counter() - t_pub
-        if self.tc.sample_every and self.step % self.tc.sample_every == 0:
-            self.save_samples(groups)
-        metrics["tokens_per_s"] = n_loss_tokens / max(time.perf_counter() - t0, 1e-9)
+        if comm.is_main:
+            metrics.update(combine_metrics([p for s in stats for p in s["parts"]]))
+            metrics.update({"adv_abs_mean": float(np.mean([a for s in stats for a in s["adv_abs"]])),
+                            "tokens_total": sum(s["tokens_total"] for s in stats),
+                            "pad_frac": 1.0 - sum(s["real_tokens"] for s in stats) / max(sum(s["pad_slots"] for s in stats), 1),
+                            "micro_batches": sum(s["micro_batches"] for s in stats), "updates": n_updates,
+                            "grad_norm": float(np.mean(norms)), "lr": lr, "time/prox_s": t_prox - t_prep,
+                            "time/train_s": t_train - t_prox, "learner/world_size": comm.world})
+            if self.tc.sample_every and self.step % self.tc.sample_every == 0 and groups:
+                self.save_samples(groups)
+            metrics["tokens_per_s"] = n_loss_tokens / max(time.perf_counter() - t0, 1e-9)
         return self._finish(metrics, t0, skipped=False)
 
     def _finish(self, metrics: dict[str, Any], t0: float, skipped: bool) -> dict[str, Any]:
@@ -363,6 +466,8 @@ class Trainer:
             metrics.update({"buffer/size": stats["size"], "buffer/rejected": c["rejected"],
                             "buffer/stale": c["stale_at_put"] + c["stale_at_take"], "buffer/duplicate": c["duplicate"]})
         metrics["time/step_s"] = time.perf_counter() - t0
+        if not self.comm.is_main:
+            return metrics
         self.last_metrics = metrics
         if self.metrics is not None:
             self.metrics.log(self.step, metrics)
@@ -377,8 +482,10 @@ class Trainer:
         if self.server is None:
             raise RuntimeError("Trainer.run needs a LearnerServer")
         stop = stop or threading.Event()
-        if self.version > 0:
-            self.publish()  # resumed: workers that (re)connect get the weights they must sample with
+        if self.version > 0:  # resumed: workers that (re)connect get the weights they must sample with
+            self.command("publish")
+            self.publish()
+        ok = False
         try:
             while not stop.is_set() and not (self.tc.total_steps and self.step >= self.tc.total_steps):
                 t_wait = time.perf_counter()
@@ -386,6 +493,7 @@ class Trainer:
                 if on_wait is not None:
                     on_wait(time.perf_counter() - t_wait)
                 if not groups:
+                    self.command("idle")  # the other ranks wait for rank 0 at most batch_timeout_s at a time
                     if not stop.is_set():
                         log.info("step %d: no batch within %.0f s (buffer %d/%d)", self.step, self.tc.batch_timeout_s,
                                  len(self.server.buffer), self.server.buffer.capacity)
@@ -393,15 +501,88 @@ class Trainer:
                 m = self.train_step(groups)
                 log.info("step %d version %d loss %.4f reward %.3f (%.1f s)", self.step, self.version,
                          m.get("loss", float("nan")), m.get("reward_mean", float("nan")), m["time/step_s"])
+            ok = True
         finally:
-            if self.step > 0 and self.saved_step != self.step:
-                self.save()
+            # After a failure the other ranks may be gone or stuck in a collective: the driver
+            # restarts the whole group from the last checkpoint instead.
+            if ok or not self.comm.distributed:
+                self.finish()
             if self.metrics is not None:
                 self.metrics.close()
+
+    def finish(self, export_dir: Optional[str | Path] = None) -> None:
+        """Rank 0 at the end: the last checkpoint, the HF export (to `export_dir`, else run_dir/model when
+        trainer.export_hf), and the other ranks released."""
+        if self.step > 0 and self.saved_step != self.step:
+            self.command("save")
+            self.save()
+        if export_dir is not None or (self.tc.export_hf and self.step > 0):
+            self.command("export", None if export_dir is None else str(export_dir))
+            self.export(export_dir)
+        self.command("stop")
+
+    def command(self, kind: str, payload: Any = None) -> None:
+        """Rank 0 tells every other rank what to do next (see `follow`)."""
+        if self.comm.distributed:
+            self.comm.scatter([(kind, payload)] * self.comm.world)
+
+    def follow(self) -> None:
+        """A rank other than 0: do what rank 0 says until it says stop."""
+        while True:
+            kind, payload = self.comm.scatter(None)
+            if kind == "publish":
+                self.publish()
+            elif kind == "step":
+                self._step(payload, new_counts(), {}, None, time.perf_counter())
+            elif kind == "save":
+                self.save()
+            elif kind == "export":
+                self.export(payload)
+            elif kind == "stop":
+                return
 
     def close(self) -> None:
         if self.metrics is not None:
             self.metrics.close()
+
+
+PUBLISHED = "published_version"
+
+
+def mark_published(run_dir: Path, version: int) -> None:
+    """Record `version` as handed out, before it is (written whole: a temp file renamed)."""
+    run_dir.mkdir(parents=True, exist_ok=True)
+    tmp = run_dir / f".{PUBLISHED}.tmp"
+    tmp.write_text(str(int(version)))
+    tmp.replace(run_dir / PUBLISHED)
+
+
+def published_version(run_dir: Path) -> Optional[int]:
+    """The newest version a learner of this run dir handed out, if any."""
+    try:
+        return int((run_dir / PUBLISHED).read_text())
+    except (FileNotFoundError, ValueError):
+        return None
+
+
+def _norm_count(mb: Optional[MicroBatch], loss_agg: str) -> float:
+    """What a micro-batch adds to its update's normaliser: loss tokens (token-mean) or sequences with
+    a loss token (the seq-mean aggregations); a filler adds nothing."""
+    if mb is None:
+        return 0.0
+    if loss_agg == "token-mean":
+        return float(mb.mask.sum())
+    return float((mb.mask.sum(-1) > 0).sum())
+
+
+def weights_source(model_dir: Optional[str | Path], resumed_from: Optional[Path]) -> Path:
+    """Where the initial weights come from: the base model directory, which a resumed checkpoint
+    then overwrites; without one, the checkpoint's config (random weights, overwritten too)."""
+    if model_dir is not None and (Path(model_dir) / "config.json").is_file():
+        return Path(model_dir)
+    if resumed_from is not None:
+        return resumed_from / "model"
+    raise FileNotFoundError(f"no checkpoint to resume and no HF model directory given ({model_dir})")
 
 
 def default_run_dir() -> str:
@@ -473,6 +654,13 @@ def main_learner(args: argparse.Namespace) -> int:
             setattr(cfg.learner, key, value)
     if args.run_dir is not None:
         cfg.trainer.run_dir = args.run_dir
+    if args.world_size is not None:
+        cfg.learner.world_size = args.world_size
+    if args.replay is not None:
+        return main_replay(cfg, args)
+    if cfg.learner.world_size > 1:
+        raise SystemExit("weft learner serves as one process; a sharded learner runs under `weft train` "
+                         "(learner.world_size ranks placed by Ray), or offline with --replay")
     svc = LearnerService(cfg, args.model or cfg.model)
 
     def on_signal(signum: int, _frame: Any) -> None:
@@ -487,6 +675,21 @@ def main_learner(args: argparse.Namespace) -> int:
         pass
     progress = svc.stop()
     return 1 if progress["error"] else 0
+
+
+def main_replay(cfg: WeftConfig, args: argparse.Namespace) -> int:
+    """`weft learner --replay FILE --steps K --out DIR`: prints a JSON summary last."""
+    import json
+
+    from learner.replay import replay
+
+    if args.steps is None or args.out is None:
+        raise SystemExit("--replay needs --steps and --out")
+    if cfg.trainer.run_dir is None:
+        cfg.trainer.run_dir = default_run_dir()
+    summary = replay(cfg, args.model or cfg.model, args.replay, args.steps, args.out, cfg.learner.world_size)
+    print(json.dumps(summary))
+    return 0
 
 
 def fill_learner_limits(cfg: WeftConfig, model_dir: Optional[str | Path]) -> None:

@@ -85,17 +85,53 @@ def load_hf_model(model_dir: str | Path, dtype: str = "float32", device: str = "
     (AutoModelForImageTextToText) when its config is one, else a text-only causal LM."""
     ensure_torchvision()
     import torch
-    from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForImageTextToText
-    from transformers.models.auto.modeling_auto import MODEL_FOR_IMAGE_TEXT_TO_TEXT_MAPPING_NAMES
+    from transformers import AutoConfig
 
     torch_dtype = getattr(torch, dtype, None) if isinstance(dtype, str) else dtype
     if not isinstance(torch_dtype, torch.dtype):
         raise ValueError(f"unknown dtype {dtype!r}; use float32, bfloat16 or float16")
     config = AutoConfig.from_pretrained(str(model_dir))
-    auto = AutoModelForImageTextToText if config.model_type in MODEL_FOR_IMAGE_TEXT_TO_TEXT_MAPPING_NAMES \
-        else AutoModelForCausalLM
-    model = auto.from_pretrained(str(model_dir), dtype=torch_dtype)
+    model = hf_model_class(config).from_pretrained(str(model_dir), dtype=torch_dtype)
     return model.to(device).eval()
+
+
+def has_weights(model_dir: str | Path) -> bool:
+    return any(Path(model_dir).glob("*.safetensors")) or any(Path(model_dir).glob("*.bin"))
+
+
+def load_or_init_hf_model(model_dir: str | Path, device: str = "cpu") -> Any:
+    """`load_hf_model` in fp32, or, for a directory with a config and no weights (a checkpoint's model/,
+    whose weights are in its DCP shards), the model initialised from the config."""
+    if has_weights(model_dir):
+        return load_hf_model(model_dir, "float32", device)
+    ensure_torchvision()
+    import torch
+    from transformers import AutoConfig
+
+    config = AutoConfig.from_pretrained(str(model_dir))
+    return hf_model_class(config).from_config(config, dtype=torch.float32).to(device).eval()
+
+
+def hf_model_class(config: Any) -> Any:
+    """The Auto class of a config: vision-language (AutoModelForImageTextToText) or a text-only causal LM."""
+    from transformers import AutoModelForCausalLM, AutoModelForImageTextToText
+    from transformers.models.auto.modeling_auto import MODEL_FOR_IMAGE_TEXT_TO_TEXT_MAPPING_NAMES
+
+    return AutoModelForImageTextToText if config.model_type in MODEL_FOR_IMAGE_TEXT_TO_TEXT_MAPPING_NAMES \
+        else AutoModelForCausalLM
+
+
+def empty_hf_model(source: str | Path | Any) -> Any:
+    """The model of an HF directory (or config) built on the meta device: shapes, no storage, no weights
+    read. What the learner's ranks other than 0 shard before rank 0's weights are broadcast into
+    them, and what `weft plan` sizes."""
+    ensure_torchvision()
+    import torch
+    from transformers import AutoConfig
+
+    config = source if hasattr(source, "model_type") else AutoConfig.from_pretrained(str(source))
+    with torch.device("meta"):
+        return hf_model_class(config).from_config(config, dtype=torch.float32)
 
 
 # Config attributes naming the vision placeholder tokens in the Qwen2/2.5/3-VL family.

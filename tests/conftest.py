@@ -94,3 +94,24 @@ def short_demo_dir(tmp_path_factory):
     out = tmp_path_factory.mktemp("short_demo")
     make_demo_data(out, videos=2, seconds=20, seed=5, size=(320, 180))
     return out
+
+
+@pytest.fixture(scope="session")
+def sft_model(tiny_model_dir, tmp_path_factory):
+    """The tiny model after the demo's cold-start SFT (`weft sft` with configs/demo.yaml on the demo's
+    cold-start set, as scripts/demo.sh makes it): it writes real tool calls and answers, so its
+    episodes have observation frames and rewards that differ within a group. Made once per session
+    for every test that needs a model that acts (agent loop, replay, train.py)."""
+    import subprocess
+    import sys
+
+    from env.demo import DEMO_COLDSTART, make_demo_data
+
+    root = tmp_path_factory.mktemp("sft")
+    make_demo_data(root / "coldstart", **DEMO_COLDSTART)
+    out = root / "model"
+    subprocess.run([sys.executable, "-m", "weft_cli", "sft", "--model", str(tiny_model_dir), "--data",
+                    str(root / "coldstart"), "--config", "configs/demo.yaml", "--out", str(out),
+                    "trainer.sft_eval_turns=0", "trainer.tensorboard=false"],
+                   cwd=ROOT, check=True, capture_output=True, timeout=900)
+    return out

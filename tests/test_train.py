@@ -24,23 +24,17 @@ pytestmark = [pytest.mark.ray, pytest.mark.vllm, pytest.mark.slow]
 
 
 @pytest.fixture(scope="module")
-def demo_sft(tiny_model_dir, tmp_path_factory):
-    """The tiny model after the demo's cold-start SFT (configs/demo.yaml, on the demo's cold-start set,
-    as scripts/demo.sh makes it), and an RL set of 2 tasks instead of 8: with groups_per_step=2 every
-    step sees both, so the step-to-step noise is not which tasks were drawn. Both tasks answer C
-    (seed 2): a tiny model cannot read the digits, so what GRPO can learn here is which option
-    letter pays; the SFT model picks C in about a third of its episodes (it leans to B), so the
-    rise is there to be found and the test fails if the loop does not find it."""
-    from env.demo import DEMO_COLDSTART, make_demo_data
+def demo_sft(sft_model, tmp_path_factory):
+    """The demo's cold-start SFT model (conftest's `sft_model`) and an RL set of 2 tasks instead of 8:
+    with groups_per_step=2 every step sees both, so the step-to-step noise is not which tasks were
+    drawn. Both tasks answer C (seed 2): a tiny model cannot read the digits, so what GRPO can learn
+    here is which option letter pays; the SFT model picks C in about a third of its episodes (it
+    leans to B), so the rise is there to be found and the test fails if the loop does not find it."""
+    from env.demo import make_demo_data
 
     root = tmp_path_factory.mktemp("e2e")
     make_demo_data(root / "data", videos=2, seconds=20, seed=2)
-    make_demo_data(root / "coldstart", **DEMO_COLDSTART)
-    out = root / "sft"
-    subprocess.run([sys.executable, "-m", "weft_cli", "sft", "--model", str(tiny_model_dir), "--data", str(root / "coldstart"),
-                    "--config", "configs/demo.yaml", "--out", str(out), "trainer.sft_eval_turns=0",
-                    "trainer.tensorboard=false"], cwd=ROOT, check=True, capture_output=True, timeout=900)
-    return root / "data", out
+    return root / "data", sft_model
 
 
 def start_train(run_dir: Path, data: Path, model: Path, *overrides: str) -> tuple[subprocess.Popen, Path, str]:
@@ -96,15 +90,27 @@ def cpu_seconds(pid: int) -> float:
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
+def alive_cpu(pids) -> dict[int, float]:
+    """cpu_seconds of those of `pids` that still exist (one just killed may vanish between two reads)."""
+    out = {}
+    for p in pids:
+        try:
+            out[p] = cpu_seconds(p)
+        except (FileNotFoundError, ProcessLookupError):
+            continue
+    return out
+
+
 def busy_worker(pids: list[int], deadline: float) -> int:
     """The rollout worker that is generating right now (burning CPU), so that killing it loses a
     group in flight: one that is idle between groups (the learner paces them) would lose nothing."""
     while time.monotonic() < deadline:
-        before = {p: cpu_seconds(p) for p in pids}
+        before = alive_cpu(pids)
         time.sleep(0.5)
-        used = {p: cpu_seconds(p) - before[p] for p in pids}
-        pid = max(used, key=used.get)
-        if used[pid] > 0.1:
+        now = alive_cpu(before)
+        used = {p: now[p] - before[p] for p in now}  # a process that went away meanwhile is not busy
+        pid = max(used, key=used.get, default=None)
+        if pid is not None and used[pid] > 0.1:
             return pid
     raise AssertionError(f"no rollout worker busy before the deadline: {pids}")
 
@@ -191,3 +197,37 @@ def test_shortened_demo_learns(demo_sft, tmp_path):
     # ... without giving up the action format the SFT taught (0.2 is its ceiling; a collapse, as seen
     # once from a weaker SFT, took it below 0).
     assert learned["reward/format"]["last_mean"] > 0.1, learned
+
+
+def test_killed_learner_rank_the_group_resumes_from_its_checkpoint_and_loses_no_group(demo_sft, tmp_path):
+    """learner.world_size=2 (FSDP2 over gloo): SIGKILL one learner rank after the step-2 checkpoint. The
+    driver restarts the learner group from it; groups the lost learner had accepted after the checkpoint
+    run again, and the run reaches total_steps with every group accounted for."""
+    data, model = demo_sft
+    run_dir = tmp_path / "run"
+    proc, log, _ = start_train(run_dir, data, model, "learner.world_size=2", "trainer.total_steps=5",
+                               "trainer.checkpoint_every=2", "trainer.sample_every=0", "rollout.max_tokens_per_turn=48",
+                               "run.probe_every_s=1")
+    try:
+        deadline = time.monotonic() + 600
+        while steps_logged(run_dir) < 3:
+            assert proc.poll() is None, log.read_text(errors="replace")[-4000:]
+            assert time.monotonic() < deadline, "no third step within 600 s"
+            time.sleep(1)
+        ranks = ray_pids("LearnerActor")
+        assert len(ranks) == 2, ranks
+        os.kill(ranks[-1], signal.SIGKILL)
+        finish(proc, log, timeout=900)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    summary = json.loads((run_dir / "summary.json").read_text())
+    assert summary["steps"] == 5, summary
+    g = summary["groups"]
+    assert g["learner_restarts"] == 1, g
+    check_accounting(summary)
+    # The restarted learner continued above every version its predecessor had published.
+    rows = [json.loads(x) for x in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rows if r["step"] > 2][-3:] == [3, 4, 5]
+    assert summary["version"] > 5 and all(r["learner/world_size"] == 2 for r in rows if not r.get("skipped"))
+    assert (run_dir / "model" / "config.json").is_file()  # the final HF export

@@ -12,8 +12,10 @@
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import threading
 import time
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -190,22 +192,10 @@ def test_weight_push_mid_rollout(loop, engine, hf_model, tasks, tiny_dir):
 
 
 @pytest.fixture(scope="module")
-def sft_dir(tiny_model_dir, short_demo_dir, tmp_path_factory):
-    """The tiny model after a short cold-start SFT on oracle episodes (`weft sft`): it writes real
-    tool calls, so observations with frames go through the agent loop (a random model never does)."""
-    import argparse
-
-    from learner.sft import main_sft
-    from weft_cli import add_sft_args
-
-    out = tmp_path_factory.mktemp("sft") / "model"
-    args = add_sft_args(argparse.ArgumentParser()).parse_args([
-        "--model", str(tiny_model_dir), "--data", str(short_demo_dir), "--steps", "80", "--out", str(out),
-        "trainer.sft_lr=1e-3", "trainer.sft_batch_size=1", "trainer.sft_episodes=8", "trainer.sft_eval_turns=0",
-        "trainer.sft_zoom_frames=2", "trainer.tensorboard=false", "trainer.dtype=float32",
-        "env.overview_frames=2", "env.overview_size=[112,64]", "env.zoom_size=[112,64]", "env.crop_size=[56,56]"])
-    assert main_sft(args) == 0
-    return out
+def sft_dir(sft_model):
+    """The tiny model after the demo's cold-start SFT (conftest): it writes real tool calls, so
+    observations with frames go through the agent loop (a random model never does)."""
+    return sft_model
 
 
 def test_tool_observations_with_frames_token_in_token_out(loop, sft_dir, short_demo_dir):
@@ -213,13 +203,13 @@ def test_tool_observations_with_frames_token_in_token_out(loop, sft_dir, short_d
     run has its FrameRef, and the engine's logprobs still equal transformers' over the whole context."""
     from actors.agent_loop import Budgets, run_group
     from actors.engine import Engine, SamplingConfig
-    from configs import EnvConfig
+    from configs import load_config
     from env import VectorVideoEnv, load_tasks
     from models.hf import load_hf_model
 
     tasks = load_tasks(short_demo_dir / "tasks.jsonl")
-    env_cfg = EnvConfig(max_turns=4, overview_frames=2, overview_size=[112, 64], zoom_size=[112, 64],
-                        crop_size=[56, 56])
+    # The demo's env (the SFT model learned its episodes there), with a turn more.
+    env_cfg = dataclasses.replace(load_config(Path(__file__).resolve().parents[2] / "configs/demo.yaml").env, max_turns=4)
     sampling = SamplingConfig(temperature=0.3, max_tokens=96)  # near-greedy: the tiny SFT model is rough at T=1
     engine = run(loop, Engine.create(sft_dir, dtype="float32", max_model_len=4096, seed=0))
     try:

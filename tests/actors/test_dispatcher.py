@@ -23,37 +23,86 @@ pytestmark = pytest.mark.ray
 
 @ray.remote
 class FakeLearner:
-    """Counts like LearnerService.progress(): accepted groups; a batch of n is taken and trained at once."""
+    """Counts like LearnerService.progress(): accepted groups; a batch of n is taken and trained at once.
+    With `crash_at`, it "loses a rank" once when it reaches that step: `restore` then rolls it back to
+    its last checkpoint (every `checkpoint_every` steps: seen-set and counters) and, as the real
+    trainer does, continues above every version it had published."""
 
-    def __init__(self, gps: int, max_staleness: int):
-        self.gps, self.s = gps, max_staleness
+    def __init__(self, gps: int, max_staleness: int, crash_at: int = 0, checkpoint_every: int = 2):
+        self.gps, self.s, self.crash_at, self.every = gps, max_staleness, crash_at, checkpoint_every
         self.p = {"step": 0, "version": 0, "batches": 0, "accepted": 0, "stale_at_take": 0, "stale_at_put": 0,
                   "duplicate": 0, "groups_consumed": 0, "buffer": 0, "done": False, "error": None, "metrics": {},
                   "idle_frac": 0.0, "rejected": 0}
         self.seen: set[str] = set()
         self.violations: list[str] = []
+        self.saved = (dict(self.p), set())
+        self.lost = False
+        self.trained: list[str] = []  # group ids in the order the surviving timeline trained them
+        self.pending: list[str] = []
 
-    def submit(self, group_id: str, started_version: int) -> str:
+    def submit(self, group_id: str, started_version: int) -> tuple[str, int]:
+        if self.lost:
+            return "unavailable", self.p["version"]
         if group_id in self.seen:
             self.p["duplicate"] += 1
-            return "duplicate"
+            return "duplicate", self.p["version"]
         if self.p["version"] - started_version > self.s:
             self.violations.append(f"{group_id}: started at v{started_version}, learner at v{self.p['version']}")
         self.seen.add(group_id)
+        self.pending.append(group_id)
         self.p["accepted"] += 1
         self.p["buffer"] += 1
-        return "accepted"
+        return "accepted", self.p["version"]
 
     def progress(self) -> dict:
-        while self.p["buffer"] >= self.gps:  # train a step
+        while not self.lost and self.p["buffer"] >= self.gps:  # train a step
             self.p["buffer"] -= self.gps
             self.p["groups_consumed"] += self.gps
+            self.trained += self.pending[:self.gps]
+            self.pending = self.pending[self.gps:]
             for k in ("batches", "step", "version"):
                 self.p[k] += 1
-        return dict(self.p)
+            if self.p["step"] % self.every == 0:
+                self.saved = (dict(self.p), set(self.seen), list(self.trained), list(self.pending))
+            if self.p["step"] == self.crash_at:
+                self.lost, self.crash_at = True, 0
+        return {**self.p, "lost": self.lost}
 
-    def report(self) -> tuple[dict, list[str]]:
-        return self.progress(), self.violations
+    def restore(self) -> None:
+        published = self.p["version"]
+        p, seen, trained, pending = self.saved
+        self.p, self.seen, self.trained, self.pending = dict(p), set(seen), list(trained), list(pending)
+        self.p["version"] = published + 1
+        self.lost = False
+
+    def seen_ids(self) -> list[str]:
+        return sorted(self.seen)
+
+    def report(self) -> tuple[dict, list[str], list[str]]:
+        return self.progress(), self.violations, self.trained
+
+
+class FakeGroup:
+    """The driver's side of the stand-in learner, shaped like actors.learner_actor.LearnerGroup."""
+
+    def __init__(self, actor):
+        self.actor, self.restarts, self.address = actor, 0, "fake:1"
+
+    def progress(self) -> dict:
+        from actors.learner_actor import LearnerLost
+
+        p = ray.get(self.actor.progress.remote())
+        if p.pop("lost"):
+            raise LearnerLost("a learner rank failed (stand-in)")
+        return p
+
+    def restart(self) -> str:
+        self.restarts += 1
+        ray.get(self.actor.restore.remote())
+        return self.address
+
+    def seen_group_ids(self) -> set[str]:
+        return set(ray.get(self.actor.seen_ids.remote()))
 
 
 @ray.remote(max_restarts=-1, max_task_retries=0)
@@ -81,9 +130,12 @@ class FakeWorker:
         if self.die_file and self.n == 3 and not os.path.exists(self.die_file):
             Path(self.die_file).write_text("died")
             os._exit(1)
-        await asyncio.sleep(0.01)
-        outcome = await self.learner.submit.remote(item["group_id"], item["min_version"])
-        return {"outcome": outcome, "generated_tokens": 1, "incarnation": self.incarnation}
+        while True:
+            await asyncio.sleep(0.01)
+            outcome, version = await self.learner.submit.remote(item["group_id"], item["min_version"])
+            if outcome != "unavailable":  # the real client retries a learner that is down, too
+                break
+        return {"outcome": outcome, "generated_tokens": 1, "incarnation": self.incarnation, "learner_version": version}
 
 
 @pytest.fixture(scope="module")
@@ -102,21 +154,22 @@ def tasks(n: int = 5) -> list[Task]:
     return [Task(id=f"t{i}", video=f"v{i}.mp4", question="q", options=["a", "b"], answer="a") for i in range(n)]
 
 
-def run(staleness: int, steps: int, die_file: str = "", workers: int = 2):
+def run(staleness: int, steps: int, die_file: str = "", workers: int = 2, crash_at: int = 0, checkpoint_every: int = 2):
     from actors.dispatcher import Dispatcher
 
     cfg = load_config(None, [f"learner.max_staleness={staleness}", "trainer.groups_per_step=3",
                              "rollout.concurrent_groups=4", "run.probe_every_s=0.2"])
-    learner = FakeLearner.remote(3, staleness)
+    learner = FakeLearner.remote(3, staleness, crash_at, checkpoint_every)
     pool = [FakeWorker.remote(learner, die_file) for _ in range(workers)]
-    d = Dispatcher(cfg, tasks(), pool, [], learner)
+    d = Dispatcher(cfg, tasks(), pool, [], FakeGroup(learner))
     peak = {"running": 0}
 
     def tick(snap):
         peak["running"] = max(peak["running"], snap["running"] + snap["buffer"])
 
     acct = d.run(steps, on_tick=tick)
-    progress, violations = ray.get(learner.report.remote())
+    progress, violations, trained = ray.get(learner.report.remote())
+    run.trained = trained
     return acct, progress, violations, peak, d
 
 
@@ -152,3 +205,16 @@ def test_a_worker_that_dies_mid_group_is_restarted_and_its_groups_run_again(clus
     assert ends == acct["created"]
     assert progress["accepted"] == acct["accepted"]  # each group id accepted once
     assert progress["step"] >= 8
+
+
+def test_a_lost_learner_is_restarted_and_the_groups_it_lost_run_again(cluster):
+    """The learner loses a rank at step 7 and comes back from its step-4 checkpoint: the groups it had
+    accepted since are run again, and the surviving timeline trains every group exactly once."""
+    acct, progress, violations, _, d = run(staleness=1, steps=10, crash_at=7, checkpoint_every=4)
+    assert acct["learner_restarts"] == 1 and acct["reruns"]["learner_lost"] >= 3, acct  # step 7's groups at least
+    assert progress["step"] >= 9 and violations == []
+    ends = sum(acct[k] for k in ("accepted", "duplicate", "stale", "rejected", "given_up", "abandoned", "pending"))
+    assert ends == acct["created"]
+    assert progress["accepted"] == acct["accepted"]  # what the restored learner holds is what the driver counts
+    trained = run.trained
+    assert len(trained) == len(set(trained)) == progress["groups_consumed"]  # none twice, none lost
