@@ -75,29 +75,15 @@ def init_ray(cfg: Any) -> None:
     else:
         ray.init(num_cpus=cfg.run.ray_num_cpus, include_dashboard=False, runtime_env={"env_vars": env_vars})
     log.info("ray: %s", ray.cluster_resources())
+    from actors.cluster import check_resources
+
     check_resources(cfg, ray.cluster_resources(), local=not os.environ.get("RAY_ADDRESS"))
-
-
-def check_resources(cfg: Any, have: dict, local: bool) -> None:
-    """Fail at once when the run's actors cannot all be placed: an actor Ray cannot schedule would hold
-    the groups handed to it until the end of the run. (A cluster that autoscales may grow: a warning.)"""
-    need = {"CPU": cfg.learner.world_size * cfg.learner.num_cpus + cfg.env.num_actors * cfg.env.num_cpus
-            + cfg.rollout.num_workers * cfg.rollout.num_cpus,
-            "GPU": cfg.learner.world_size * cfg.learner.num_gpus + cfg.rollout.num_workers * cfg.rollout.num_gpus}
-    short = {k: (v, have.get(k, 0.0)) for k, v in need.items() if v > have.get(k, 0.0) + 1e-9}
-    if not short:
-        return
-    words = ", ".join(f"{v:g} {k} (the cluster has {h:g})" for k, (v, h) in short.items())
-    msg = (f"the run's actors need {words}: learner.world_size x learner.num_cpus/num_gpus + env.num_actors x "
-           "env.num_cpus + rollout.num_workers x rollout.num_cpus/num_gpus")
-    if local:
-        raise SystemExit(msg + "; lower them, or raise run.ray_num_cpus")
-    log.warning("%s; waiting for the cluster to grow", msg)
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
     import ray
 
+    from actors.cluster import stop_all
     from actors.dispatcher import Dispatcher
     from actors.display import display, print_summary
     from actors.env_actor import start_env_actors
@@ -119,9 +105,10 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     try:                                                                       # 5
         with display(cfg.run.display, cfg.trainer.total_steps) as update:
             accounting = dispatcher.run(cfg.trainer.total_steps, on_tick=update)
-    finally:
-        final = learner.stop()                                                 # 6
-        ray.get([w.shutdown.remote() for w in workers], timeout=120)
+    except BaseException:
+        stop_all(learner, workers)  # best effort (a last checkpoint if the learner lives); the error is what counts
+        raise
+    final, _ = learner.stop(), ray.get([w.shutdown.remote() for w in workers], timeout=120)  # 6
     rows = read_metrics(cfg.trainer.run_dir)
     summary = {"run_dir": cfg.trainer.run_dir, "steps": final["step"], "version": final["version"],
                "groups": accounting, "learner": {k: final[k] for k in ("accepted", "groups_consumed", "buffer",
