@@ -34,9 +34,11 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     p.add_argument("overrides", nargs="*", help="key=value config overrides, e.g. env.overview_frames=4")
     p.set_defaults(func=_check_env)
 
-    p = sub.add_parser("make-tiny-model", help="Train a tokenizer and save a random tiny Qwen2.5-VL (HF format), offline.")
+    p = sub.add_parser("make-tiny-model", help="Train a tokenizer and save a random tiny Qwen-VL model (HF format), offline.")
     p.add_argument("--out", required=True, help="Output model directory.")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--family", default="qwen2_5_vl", choices=["qwen2_5_vl", "qwen3_vl"],
+                   help="Model family (models/adapters.py): qwen2_5_vl or qwen3_vl.")
     p.set_defaults(func=_make_tiny_model)
 
     p = sub.add_parser("rollout", help="Run GRPO groups with a model through vLLM; write trajectories (msgpack).")
@@ -103,7 +105,7 @@ def _make_demo_data(args: argparse.Namespace) -> int:
 def _make_tiny_model(args: argparse.Namespace) -> int:
     from models.tiny import make_tiny_model
 
-    print(json.dumps({"model": str(make_tiny_model(args.out, seed=args.seed))}))
+    print(json.dumps({"model": str(make_tiny_model(args.out, seed=args.seed, family=args.family))}))
     return 0
 
 
@@ -189,9 +191,10 @@ def _plan(args: argparse.Namespace) -> int:
 
 
 def _sft(args: argparse.Namespace) -> int:
+    from actors.scripted_engine import scripted_trajectories
     from learner.sft import main_sft
 
-    return main_sft(args)
+    return main_sft(args, scripted_trajectories)
 
 
 def _view(args: argparse.Namespace) -> int:
@@ -215,25 +218,27 @@ def _tasks_path(data: str):
 
 
 def _check_env(args: argparse.Namespace) -> int:
+    import asyncio
+
     from configs import load_config
-    from env import load_tasks
+    from env import LocalEnv, load_tasks
     from env.demo import demo_perception
     from env.testing import BlindPolicy, FuzzPolicy, OraclePolicy, RandomPolicy, check_env, run_episodes
-    from env.tools import tool_schemas
 
     cfg = load_config(args.config, args.overrides)
     tasks = load_tasks(_tasks_path(args.data))
+    env = LocalEnv(cfg.env, cfg.reward)  # the run's tools and reward function, a user's included
     report = None
     if args.check:
-        report = check_env(tasks, cfg=cfg.env, reward_cfg=cfg.reward, seed=args.seed)
+        report = check_env(tasks, cfg=cfg.env, env=env, seed=args.seed)
     locate, read = demo_perception()
     policy = {
         "oracle": lambda: OraclePolicy(locate, read, seed=args.seed),
         "blind": lambda: BlindPolicy(locate, read, seed=args.seed),
-        "random": lambda: RandomPolicy(tool_schemas(cfg.env), seed=args.seed),
-        "fuzz": lambda: FuzzPolicy(seed=args.seed),
+        "random": lambda: RandomPolicy(asyncio.run(env.tool_schemas()), seed=args.seed),
+        "fuzz": lambda: FuzzPolicy(seed=args.seed, tools=asyncio.run(env.tool_schemas())),
     }[args.policy]()
-    summary = run_episodes(tasks, policy, args.episodes, cfg=cfg.env, reward_cfg=cfg.reward)
+    summary = run_episodes(tasks, policy, args.episodes, env=env)
     summary = {"policy": args.policy, **summary, **({"check": report} if report else {})}
     print(json.dumps(summary, sort_keys=True))
     return 0 if summary["crashes"] == 0 else 1

@@ -12,9 +12,11 @@ the engine's logprob there, and `policy_version` the weight version that sampled
 each token (a partial rollout spans versions). Images sit where their expanded
 `<|image_pad|>` runs are, and `media` holds one FrameRef per image, in order.
 
-Many episodes run concurrently as asyncio tasks over one engine. The env can be a
-VideoToolEnv, a VectorVideoEnv (in-process), or an EnvHandle (Ray EnvActor);
-`episode_env` gives all three one async shape.
+Many episodes run concurrently as asyncio tasks over one engine. The env is anything with the
+episode interface (env/episodes.py): an in-process `env.LocalEnv` or a Ray-hosted
+`actors.env_actor.RemoteEnv`. The engine is anything with the vLLM engine's `generate` contract:
+`actors.engine.Engine`, or a scripted policy behind `actors.scripted_engine.ScriptedEngine`, so
+RL, evaluation and SFT episodes all come from `run_episode`.
 """
 
 from __future__ import annotations
@@ -23,7 +25,7 @@ import asyncio
 import time
 import uuid
 from dataclasses import dataclass, field
-from typing import Any, Optional, Protocol
+from typing import Any, Optional
 
 import numpy as np
 
@@ -41,82 +43,15 @@ class Budgets:
     max_context_tokens: int = 8192  # prompt + everything appended; must fit the engine's max_model_len
 
 
-class EpisodeEnv(Protocol):
-    """One episode's env, async: the shape `episode_env` gives every env kind."""
+@dataclass
+class EpisodeView:
+    """What the policy of an episode sees at a turn besides tokens: its task, the last observation and
+    the env's info. The vLLM engine ignores it; a scripted engine (actors/scripted_engine.py) acts on it."""
 
-    async def reset(self, task: Task) -> tuple[Observation, dict]: ...
-
-    async def step(self, action: str) -> tuple[Observation, float, bool, bool, dict]: ...
-
-    async def truncate(self, reason: str) -> tuple[float, dict]: ...
-
-    async def close(self) -> None: ...
-
-
-class _ThreadedEpisode:
-    """A VideoToolEnv (one episode) or VectorVideoEnv slot, stepped on a worker thread."""
-
-    def __init__(self, env: Any, episode_id: str):
-        self.env, self.episode_id = env, episode_id
-        self.vector = hasattr(env, "step_batch")
-
-    async def reset(self, task: Task):
-        if self.vector:
-            return await asyncio.to_thread(self.env.reset, self.episode_id, task)
-        return await asyncio.to_thread(self.env.reset, task)
-
-    async def step(self, action: str):
-        if self.vector:
-            return await asyncio.to_thread(self.env.step, self.episode_id, action)
-        return await asyncio.to_thread(self.env.step, action)
-
-    async def truncate(self, reason: str):
-        if self.vector:
-            return await asyncio.to_thread(self.env.truncate, self.episode_id, reason)
-        return await asyncio.to_thread(self.env.truncate, reason)
-
-    async def close(self) -> None:
-        if self.vector:
-            self.env.close(self.episode_id)
-
-
-class EpisodeLost(Exception):
-    """The env no longer holds this episode: its EnvActor died and Ray restarted it between two of
-    the episode's calls. Not the policy's fault, so (like a RayActorError) it is not caught as a
-    failed episode: `run_group` records it and the rollout worker runs the group again."""
-
-
-def _check_lost(info: dict) -> None:
-    if info.get("episode_lost"):
-        raise EpisodeLost(info.get("error", "episode lost"))
-
-
-class _ActorEpisode:
-    """An EnvActor slot: awaits the actor's ObjectRefs directly (no thread per call)."""
-
-    def __init__(self, handle: Any, episode_id: str):
-        self.actor, self.episode_id = handle.actor, episode_id
-
-    async def reset(self, task: Task):
-        return await self.actor.reset.remote(self.episode_id, task)
-
-    async def step(self, action: str):
-        result = await self.actor.step.remote(self.episode_id, action)
-        _check_lost(result[4])
-        return result
-
-    async def truncate(self, reason: str):
-        result = await self.actor.truncate.remote(self.episode_id, reason)
-        _check_lost(result[1])
-        return result
-
-    async def close(self) -> None:
-        await self.actor.close.remote(self.episode_id)
-
-
-def episode_env(env: Any, episode_id: str) -> EpisodeEnv:
-    """One async episode view over any env kind."""
-    return _ActorEpisode(env, episode_id) if hasattr(env, "actor") else _ThreadedEpisode(env, episode_id)
+    key: str
+    task: Task
+    observation: Observation
+    info: dict
 
 
 # ----------------------------------------------------------------- the episode
@@ -154,8 +89,8 @@ async def run_episode(engine: Any, env: Any, task: Task, sampling: Any, budgets:
     """Run one episode of `task` with the engine's policy in `env`; never raises for episode failures."""
     budgets = budgets or Budgets()
     traj_id = traj_id or uuid.uuid4().hex
-    slot = episode_env(env, f"{group_id or 'ep'}:{traj_id}")
-    b, texts, obs_texts, t0 = _Builder(), [], [], time.perf_counter()
+    slot = env.episode(f"{group_id or 'ep'}:{traj_id}")
+    b, texts, obs_texts, calls, t0 = _Builder(), [], [], [], time.perf_counter()
     timing = {"engine_s": 0.0, "env_s": 0.0}
     status, error, reward, terms, info = Status.FAILED, "", 0.0, {}, {}
     try:
@@ -164,7 +99,7 @@ async def run_episode(engine: Any, env: Any, task: Task, sampling: Any, budgets:
         timing["env_s"] += time.perf_counter() - te
         if info.get("status") == "FAILED":
             raise _EpisodeFailed(info.get("error", "env reset failed"))
-        renderer = renderer or ChatRenderer(engine.tokenizer, await _tools(env))
+        renderer = renderer or ChatRenderer(engine.tokenizer, await env.tool_schemas())
         b.add_context(engine.expand_image_placeholders(renderer.prompt_ids(obs), [f.image for f in obs.frames]), obs)
         status = Status.TRUNCATED
         generated = 0
@@ -177,7 +112,8 @@ async def run_episode(engine: Any, env: Any, task: Task, sampling: Any, budgets:
                 break
             turn_sampling = _with_max_tokens(sampling, room)
             te = time.perf_counter()
-            out = await engine.generate(b.token_ids, b.images, turn_sampling, request_id=f"{traj_id}-{len(texts)}")
+            out = await engine.generate(b.token_ids, b.images, turn_sampling, request_id=f"{traj_id}-{len(texts)}",
+                                        episode=EpisodeView(traj_id, task, obs, info))
             timing["engine_s"] += time.perf_counter() - te
             if out.finish_reason == "abort":
                 status, error = Status.ABORTED, "generation aborted"
@@ -191,6 +127,7 @@ async def run_episode(engine: Any, env: Any, task: Task, sampling: Any, budgets:
             obs, reward, terminated, truncated, info = await slot.step(text)
             timing["env_s"] += time.perf_counter() - te
             obs_texts.append(obs.text)  # the tool responses, for `weft view`
+            calls += info.get("calls", [])
             terms = info.get("reward_terms", terms)
             if info.get("status") == "FAILED":
                 raise _EpisodeFailed(info.get("error", "env step failed"))
@@ -215,7 +152,7 @@ async def run_episode(engine: Any, env: Any, task: Task, sampling: Any, budgets:
                "frames": float(info.get("frames_returned", 0)), "generated_tokens": float(sum(b.loss_mask)),
                "tokens": float(len(b.token_ids)), "images": float(len(b.media)),
                "episode_s": time.perf_counter() - t0, **timing}
-    meta = {"turn_texts": texts, "observation_texts": obs_texts, "answer": info.get("answer")}
+    meta = {"turn_texts": texts, "observation_texts": obs_texts, "answer": info.get("answer"), "tool_calls": calls}
     if error:
         meta["error"] = error
     return Trajectory(np.asarray(b.token_ids), np.asarray(b.loss_mask), np.asarray(b.logprobs),
@@ -234,13 +171,7 @@ def _with_max_tokens(sampling: Any, n: int) -> Any:
     return dataclasses.replace(sampling, max_tokens=min(sampling.max_tokens, n))
 
 
-async def _tools(env: Any) -> list[dict]:
-    if hasattr(env, "actor"):
-        return await env.actor.tool_schemas.remote()
-    return env.tool_schemas() if hasattr(env, "tool_schemas") else env.tools
-
-
-async def _close(slot: EpisodeEnv) -> None:
+async def _close(slot: Any) -> None:
     try:
         await slot.close()
     except Exception:  # noqa: BLE001 - closing a dead actor's slot must not mask the episode's result
@@ -254,7 +185,7 @@ async def run_group(engine: Any, env: Any, task: Task, sampling: Any, group_size
     vLLM's prefix cache (and encoder cache) pays their first-turn prefill once. An episode that
     raises is kept as a FAILED trajectory with the reason; the group always has G members."""
     group_id = group_id or uuid.uuid4().hex
-    renderer = ChatRenderer(engine.tokenizer, await _tools(env), system_prompt or DEFAULT_SYSTEM_PROMPT)
+    renderer = ChatRenderer(engine.tokenizer, await env.tool_schemas(), system_prompt or DEFAULT_SYSTEM_PROMPT)
     ids = [f"{group_id}-{i}" for i in range(group_size)]
     results = await asyncio.gather(*[
         run_episode(engine, env, task, sampling, budgets, renderer=renderer, group_id=group_id, traj_id=tid)

@@ -42,12 +42,12 @@ import time
 import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterable, Optional, Sequence
+from typing import Any, Callable, Iterable, Optional, Sequence
 
 import numpy as np
 
 from actors.compat import backend, configure_vllm_env
-from models.hf import IMAGE_PAD, check_image, expand_image_placeholders, image_token_count, pad_runs
+from models.hf import check_image, expand_image_placeholders, image_pad_of, image_token_count, pad_runs
 
 STOP_TOKENS = ("<|im_end|>", "<|endoftext|>")
 ANSWER_END = "</answer>"
@@ -83,13 +83,13 @@ def _collapse_image_runs(token_ids: list[int], images: Sequence[np.ndarray], pad
     """Check each pad run has its image's length, and shrink it to one pad (what vLLM expands)."""
     runs = pad_runs(token_ids, pad)
     if len(runs) != len(images):
-        raise ValueError(f"{len(runs)} {IMAGE_PAD} runs in the prompt for {len(images)} images")
+        raise ValueError(f"{len(runs)} {image_pad_of(processor)} runs in the prompt for {len(images)} images")
     out: list[int] = []
     prev = 0
     for i, ((start, length), image) in enumerate(zip(runs, images)):
         want = image_token_count(image, processor)
         if length != want:
-            raise ValueError(f"image {i} ({image.shape[1]}x{image.shape[0]}) needs {want} {IMAGE_PAD} tokens, "
+            raise ValueError(f"image {i} ({image.shape[1]}x{image.shape[0]}) needs {want} {image_pad_of(processor)} tokens, "
                              f"the prompt has {length}; use expand_image_placeholders")
         out.extend(token_ids[prev:start])
         out.append(pad)
@@ -98,24 +98,28 @@ def _collapse_image_runs(token_ids: list[int], images: Sequence[np.ndarray], pad
     return out
 
 
-def _weight_buckets(named_tensors: Iterable[tuple[str, Any]], bucket_bytes: int) -> Iterable[dict[str, Any]]:
-    """CPU-contiguous tensors in dicts of about `bucket_bytes`, never splitting a layer (models.hf.layer_buckets)."""
+def _weight_buckets(named_tensors: Iterable[tuple[str, Any]], bucket_bytes: int,
+                    rename: Callable[[str], str]) -> Iterable[dict[str, Any]]:
+    """CPU-contiguous tensors in dicts of about `bucket_bytes`, never splitting a layer (models.hf.layer_buckets),
+    each under the name the engine loads it by (`rename`: the model family's `Adapter.engine_weight_name`)."""
     from models.hf import layer_buckets
 
     for bucket in layer_buckets(named_tensors, bucket_bytes):
-        yield {name: t.detach().to("cpu").contiguous() for name, t in bucket}
+        yield {rename(name): t.detach().to("cpu").contiguous() for name, t in bucket}
 
 
 class Engine:
     """One vLLM engine, many concurrent requests. Create with `await Engine.create(model_dir, ...)`."""
 
-    def __init__(self, llm: Any, processor: Any, banned: list[int], max_model_len: int, version: int) -> None:
+    def __init__(self, llm: Any, processor: Any, banned: list[int], max_model_len: int, version: int,
+                 weight_name: Callable[[str], str] = str) -> None:
         self.llm = llm
+        self.weight_name = weight_name  # HF runtime name -> the name this engine loads it under
         self.processor = processor
         self.tokenizer = processor.tokenizer
         self.banned_token_ids = np.asarray(banned, dtype=np.int64)
         self.max_model_len = max_model_len
-        self.image_pad_id = self.tokenizer.convert_tokens_to_ids(IMAGE_PAD)
+        self.image_pad_id = self.tokenizer.convert_tokens_to_ids(image_pad_of(processor))
         vocab = self.tokenizer.get_vocab()
         self.stop_ids = [vocab[t] for t in STOP_TOKENS if t in vocab]
         self.answer_end_id = vocab.get(ANSWER_END)
@@ -143,6 +147,7 @@ class Engine:
         from vllm.engine.arg_utils import AsyncEngineArgs
         from vllm.v1.engine.async_llm import AsyncLLM
 
+        from models.adapters import adapter_for
         from models.hf import banned_token_ids, load_processor
 
         on_cpu = backend() == "cpu"
@@ -162,8 +167,10 @@ class Engine:
         llm = AsyncLLM.from_engine_args(args, stat_loggers=stat_loggers)
         processor = load_processor(model_dir)
         hf_config = llm.model_config.hf_config
+        adapter = adapter_for(hf_config)
         engine = cls(llm, processor, banned_token_ids(hf_config, len(processor.tokenizer)),
-                     llm.model_config.max_model_len, version)
+                     llm.model_config.max_model_len, version,
+                     adapter.engine_weight_name if adapter is not None else str)
         del llm  # something in vLLM keeps this frame alive; only the Engine may own the AsyncLLM
         await engine.llm.update_weight_version(str(version))
         return engine
@@ -200,8 +207,10 @@ class Engine:
             ignore_eos=cfg.ignore_stop, skip_special_tokens=False, output_kind=RequestOutputKind.DELTA)
 
     async def generate(self, prompt_token_ids: Sequence[int], images: Sequence[np.ndarray] = (),
-                       sampling: Optional[SamplingConfig] = None, request_id: Optional[str] = None) -> GenResult:
-        """Continue `prompt_token_ids` (image runs expanded) with the policy.
+                       sampling: Optional[SamplingConfig] = None, request_id: Optional[str] = None,
+                       episode: Any = None) -> GenResult:
+        """Continue `prompt_token_ids` (image runs expanded) with the policy. (`episode`, the agent loop's
+        view of the episode, is for policies that read observations rather than tokens; a model does not.)
 
         Raises ValueError for a malformed prompt (placeholder runs that do not match
         the images, a prompt that fills the context). While the engine is paused the
@@ -305,7 +314,7 @@ class Engine:
                 await self.pause(keep_requests=True)
             try:
                 n = 0
-                for bucket in _weight_buckets(named_tensors, bucket_bytes):
+                for bucket in _weight_buckets(named_tensors, bucket_bytes, self.weight_name):
                     results = await self.llm.collective_rpc("weft_load_weights", args=(save(bucket),))
                     n += int(results[0])
                 # Running requests are preempted and re-prefilled with the new weights at

@@ -1,22 +1,31 @@
-"""EnvActor: a Ray actor hosting a `VectorVideoEnv` on CPU.
+"""EnvActor: a Ray actor serving many episodes on CPU; RemoteEnv: the episode interface over it.
 
-Decoding is CPU work, so env capacity scales apart from rollout capacity. The
-actor is threaded (max_concurrency) so the many episodes a rollout worker runs
-concurrently step in parallel; it asks for a fraction of a CPU so that on a small
-node it does not starve other actors. `EnvHandle` hides the `.remote()` calls and
-has the same methods as a VectorVideoEnv.
+Decoding is CPU work, so env capacity scales apart from rollout capacity. The actor keeps
+episodes by id (each a `VideoToolEnv` of its process's `env.LocalEnv`: one shared decoder, the
+tools and reward function resolved once, here, so a user's `module:attribute` tool or reward
+runs inside the actor with no registration). It is threaded (max_concurrency), so the many
+episodes a rollout worker runs at once step in parallel, and asks for a fraction of a CPU so
+a small node fits it beside the other actors.
+
+`RemoteEnv(actor)` has the methods of `env.LocalEnv` (`episode(id)`, `tool_schemas()`,
+`prefetch(task)`, `stats()`), so the agent loop, the harness and check_env drive either one
+the same way (env/episodes.py). A step or truncate of an episode the actor does not hold
+(Ray restarted it since the reset) raises `EpisodeLost`, which the rollout worker answers by
+running the group again.
 """
 
 from __future__ import annotations
 
+import threading
 import uuid
 from typing import Any, Optional
 
 import ray
 
 from configs.schema import EnvConfig, RewardConfig
+from env.env import COUNTERS, VideoToolEnv
+from env.errors import EpisodeLost
 from env.types import Observation, Task
-from env.vector import VectorVideoEnv
 
 
 def incarnation() -> tuple[str, bool]:
@@ -31,38 +40,60 @@ def incarnation() -> tuple[str, bool]:
     return uuid.uuid4().hex, restarted
 
 
+def _lost(episode_id: str) -> dict:
+    """The info of a step or truncate for an episode this actor does not hold. `episode_lost` lets the
+    caller tell it from an episode that failed on its own."""
+    COUNTERS["unknown_episode"] += 1
+    error = f"no episode {episode_id!r} in this env (reset it first; a restarted env actor has none)"
+    return {"status": "FAILED", "error": error, "episode_lost": True}
+
+
 @ray.remote(num_cpus=0.25, max_concurrency=16)
 class EnvActor:
     def __init__(self, cfg: Optional[EnvConfig] = None, reward_cfg: Optional[RewardConfig] = None):
-        self.venv = VectorVideoEnv(cfg, reward_cfg)
+        from env.episodes import LocalEnv
+
+        self.local = LocalEnv(cfg, reward_cfg)
+        self.episodes: dict[str, VideoToolEnv] = {}
+        self.lock = threading.Lock()
         self.incarnation = incarnation()
 
     def reset(self, episode_id: str, task: Task, seed: Optional[int] = None) -> tuple[Observation, dict]:
-        return self.venv.reset(episode_id, task, seed)
+        env = self.local.make()
+        with self.lock:
+            self.episodes[episode_id] = env
+        return env.reset(task, seed=seed)
 
     def step(self, episode_id: str, action: str):
-        return self.venv.step(episode_id, action)
+        with self.lock:
+            env = self.episodes.get(episode_id)
+        if env is None:
+            info = _lost(episode_id)
+            return Observation(f"error: {info['error']}"), 0.0, True, False, info
+        result = env.step(action)
+        if result[2] or result[3]:
+            self.close(episode_id)
+        return result
 
-    def truncate(self, episode_id: str, reason: str = "budget"):
-        return self.venv.truncate(episode_id, reason)
-
-    def prefetch(self, task: Task) -> None:
-        self.venv.prefetch(task)
-
-    def reset_batch(self, items):
-        return self.venv.reset_batch(items)
-
-    def step_batch(self, items):
-        return self.venv.step_batch(items)
+    def truncate(self, episode_id: str, reason: str = "budget") -> tuple[float, dict]:
+        with self.lock:
+            env = self.episodes.pop(episode_id, None)
+        return env.truncate(reason) if env is not None else (0.0, _lost(episode_id))
 
     def close(self, episode_id: str) -> None:
-        self.venv.close(episode_id)
+        with self.lock:
+            self.episodes.pop(episode_id, None)
 
-    def stats(self) -> dict[str, Any]:
-        return self.venv.stats()
+    def prefetch(self, task: Task) -> None:
+        self.local.warm(task)  # already on one of this actor's threads
 
     def tool_schemas(self) -> list[dict]:
-        return self.venv.tool_schemas()
+        return [t.schema for t in self.local.toolset.values()]
+
+    def stats(self) -> dict[str, Any]:
+        with self.lock:
+            open_eps = len(self.episodes)
+        return {"open_episodes": open_eps, "decoder": self.local.decoder.stats(), "counters": dict(COUNTERS)}
 
     def ping(self) -> tuple[str, bool]:
         """This process's incarnation (a restarted actor answers a new one)."""
@@ -80,59 +111,53 @@ def start_env_actors(cfg: Any) -> list:
     return [EnvActor.options(**opts).remote(cfg.env, cfg.reward) for _ in range(cfg.env.num_actors)]
 
 
-class EnvHandle:
-    """Driver-side handle: VectorVideoEnv's methods, each a blocking call on the actor."""
+class RemoteEnv:
+    """The episode interface over an EnvActor (the methods of env.LocalEnv)."""
 
-    def __init__(self, actor: "ray.actor.ActorHandle"):
-        self.actor = actor
+    def __init__(self, actor: "ray.actor.ActorHandle", cfg: Optional[EnvConfig] = None):
+        self.actor, self.cfg = actor, cfg
 
     @classmethod
     def start(cls, cfg: Optional[EnvConfig] = None, reward_cfg: Optional[RewardConfig] = None,
-              num_cpus: float = 0.25) -> "EnvHandle":
-        return cls(EnvActor.options(num_cpus=num_cpus).remote(cfg, reward_cfg))
+              num_cpus: float = 0.25) -> "RemoteEnv":
+        return cls(EnvActor.options(num_cpus=num_cpus).remote(cfg, reward_cfg), cfg)
 
-    def reset(self, episode_id: str, task: Task, seed: Optional[int] = None):
-        return ray.get(self.actor.reset.remote(episode_id, task, seed))
+    def episode(self, episode_id: str = "") -> "RemoteEpisode":
+        return RemoteEpisode(self.actor, episode_id or f"remote-{uuid.uuid4().hex}")
 
-    def step(self, episode_id: str, action: str):
-        return ray.get(self.actor.step.remote(episode_id, action))
-
-    def truncate(self, episode_id: str, reason: str = "budget"):
-        return ray.get(self.actor.truncate.remote(episode_id, reason))
+    async def tool_schemas(self) -> list[dict]:
+        return await self.actor.tool_schemas.remote()
 
     def prefetch(self, task: Task) -> None:
         self.actor.prefetch.remote(task)  # fire and forget: a hint, not a result
 
-    def reset_batch(self, items):
-        return ray.get(self.actor.reset_batch.remote(list(items)))
-
-    def step_batch(self, items):
-        return ray.get(self.actor.step_batch.remote(list(items)))
-
-    def close(self, episode_id: str) -> None:
-        ray.get(self.actor.close.remote(episode_id))
-
-    def stats(self) -> dict[str, Any]:
-        return ray.get(self.actor.stats.remote())
-
-    def tool_schemas(self) -> list[dict]:
-        return ray.get(self.actor.tool_schemas.remote())
+    async def stats(self) -> dict[str, Any]:
+        return await self.actor.stats.remote()
 
 
-class RemoteEpisodeEnv:
-    """A VideoToolEnv-shaped view of one episode slot on an EnvActor.
+class RemoteEpisode:
+    """One episode slot on an EnvActor: awaits the actor's calls directly (no thread per call)."""
 
-    Lets `env.testing.check_env(make_env=...)` and scripted policies run unchanged
-    through Ray, which is how the EnvActor is held to the same contract.
-    """
+    def __init__(self, actor: Any, episode_id: str):
+        self.actor, self.episode_id = actor, episode_id
 
-    def __init__(self, handle: EnvHandle, cfg: Optional[EnvConfig] = None):
-        self.handle, self.cfg = handle, cfg or EnvConfig()
-        self.episode_id = f"remote-{uuid.uuid4().hex}"
-        self.tools = handle.tool_schemas()
+    async def reset(self, task: Task, seed: Optional[int] = None):
+        return await self.actor.reset.remote(self.episode_id, task, seed)
 
-    def reset(self, task: Task, *, seed: Optional[int] = None):
-        return self.handle.reset(self.episode_id, task, seed)
+    async def step(self, action: str):
+        result = await self.actor.step.remote(self.episode_id, action)
+        _check_lost(result[4])
+        return result
 
-    def step(self, action: str):
-        return self.handle.step(self.episode_id, action)
+    async def truncate(self, reason: str = "budget"):
+        result = await self.actor.truncate.remote(self.episode_id, reason)
+        _check_lost(result[1])
+        return result
+
+    async def close(self) -> None:
+        await self.actor.close.remote(self.episode_id)
+
+
+def _check_lost(info: dict) -> None:
+    if info.get("episode_lost"):
+        raise EpisodeLost(info.get("error", "episode lost"))

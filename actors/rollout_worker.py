@@ -29,7 +29,7 @@ import msgpack
 from configs.schema import EnvConfig, RewardConfig, RolloutConfig
 from env.types import Task
 from protos.codec import to_map
-from protos.records import Group, Status, Trajectory
+from protos.records import Group, Status
 
 log = logging.getLogger(__name__)
 
@@ -134,9 +134,9 @@ class RolloutCore:
         self.model_dir, self.cfg = model_dir, cfg
         self.sampler = TaskSampler(tasks, cfg.seed, cursor)
         if env is None:
-            from env.vector import VectorVideoEnv
+            from env.episodes import LocalEnv
 
-            env = VectorVideoEnv(env_cfg, reward_cfg)
+            env = LocalEnv(env_cfg, reward_cfg)
         self.env = env
         self.worker_id = worker_id or uuid.uuid4().hex[:8]
         self.engine: Any = None
@@ -184,7 +184,10 @@ class RolloutCore:
         task = task or self.sampler.next()
         prefetch = prefetch or (self.sampler.peek() if self.sampler.tasks else None)
         if prefetch is not None:
-            self._prefetch(env, prefetch)
+            # Decode the next task's overview while this group generates: otherwise the engine idles
+            # through every group's first decode (bench/rollout.py). A task already cached costs only
+            # cache hits; concurrent decodes of one frame are deduplicated.
+            env.prefetch(prefetch)
         gid = group_id or f"{self.worker_id}-{self._groups_started}-{uuid.uuid4().hex[:8]}"
         self._groups_started += 1
         t0 = time.perf_counter()
@@ -195,15 +198,6 @@ class RolloutCore:
         self.counters["groups"] += 1
         return Group(group_id=gid, task_id=task.id, trajectories=trajs,
                      metadata={"worker": self.worker_id, "group_s": time.perf_counter() - t0})
-
-    def _prefetch(self, env: Any, task: Task) -> None:
-        """Decode the next task's overview into the env's cache while this group generates:
-        otherwise the engine idles through every group's first decode (bench/rollout.py). A task
-        already cached costs only cache hits; concurrent decodes of one frame are deduplicated."""
-        prefetch = getattr(env, "prefetch", None)
-        if prefetch is not None:
-            fut = asyncio.ensure_future(asyncio.to_thread(prefetch, task))
-            fut.add_done_callback(lambda f: f.cancelled() or f.exception())  # errors surface at reset instead
 
     async def run(self, num_groups: int, sink: Sink) -> dict[str, Any]:
         """Run `num_groups` groups, `cfg.concurrent_groups` at a time, each put to the sink as it finishes."""
@@ -293,11 +287,11 @@ class RolloutWorker:
     call from the driver goes through `apply` (RLlib's FaultTolerantActorManager protocol)."""
 
     def __init__(self, model_dir: str, cfg: Any, learner_address: str, env_actors: list, worker_id: str = ""):
-        from actors.env_actor import EnvHandle, incarnation
+        from actors.env_actor import RemoteEnv, incarnation
         from actors.learner_client import LearnerClient
 
         self.cfg = cfg
-        self.envs = [EnvHandle(a) for a in env_actors]
+        self.envs = [RemoteEnv(a, cfg.env) for a in env_actors]
         self.core = RolloutCore(model_dir, [], cfg.rollout, cfg.env, cfg.reward,
                                 env=self.envs[0] if self.envs else None, worker_id=worker_id)
         self.client = LearnerClient.from_config(cfg.learner, address=learner_address)

@@ -2,7 +2,7 @@
 
 (1) Agent loop vs bare vLLM, on one engine in one run. The agent side is the rollout
     worker as it runs (`RolloutCore.run`: K groups of G episodes, `concurrent_groups` at a
-    time, real decord in a VectorVideoEnv, chat rendering) over an engine wrapped in a
+    time, real decord in a LocalEnv, chat rendering) over an engine wrapped in a
     recorder that logs every call (prompt ids, images, tokens generated). The bare side
     replays exactly those calls on the same engine: same prompts and images, the same number
     of tokens forced (`ignore_stop=True, max_tokens=n`), the same concurrency (groups
@@ -238,16 +238,15 @@ async def bare_run(engine: Any, calls: list[Call], concurrent_groups: int, tempe
 def first_prompt(engine: Any, task: Any, frames: int, size: tuple[int, int]) -> tuple[list[int], list[np.ndarray]]:
     """The group's first prompt with a `frames`-frame overview: rendered as the agent loop does."""
     from configs.schema import EnvConfig
-    from env.vector import VectorVideoEnv
+    from env import VideoToolEnv
     from models.chat import DEFAULT_SYSTEM_PROMPT, ChatRenderer
 
-    env = VectorVideoEnv(EnvConfig(overview_frames=frames, overview_size=list(size)))
-    obs, info = env.reset("prefill", task)
-    env.close("prefill")
+    env = VideoToolEnv(EnvConfig(overview_frames=frames, overview_size=list(size)))
+    obs, info = env.reset(task)
     if info.get("status") == "FAILED":
         raise RuntimeError(f"env reset failed on {task.id}: {info.get('error')}")
     images = [f.image for f in obs.frames]
-    renderer = ChatRenderer(engine.tokenizer, env.tool_schemas(), DEFAULT_SYSTEM_PROMPT)
+    renderer = ChatRenderer(engine.tokenizer, env.tools, DEFAULT_SYSTEM_PROMPT)
     return engine.expand_image_placeholders(renderer.prompt_ids(obs), images), images
 
 

@@ -17,6 +17,11 @@ class ConfigError(ValueError):
     """A config file or override is wrong; the message names the key."""
 
 
+# Keys that moved: a config that still sets one is told where it went.
+MOVED = {f"reward.{k}": f"reward.weights.{k}" for k in ("accuracy", "format", "tool", "evidence")}
+MOVED.update({f"reward.{k}": f"reward.kwargs.{k}" for k in ("format_penalty", "cost_per_frame", "cost_per_turn")})
+
+
 def load_config(path: str | Path | None = None, overrides: Sequence[str] = (), schema: type[T] | None = None) -> T:
     """Merge the schema's defaults, an optional YAML file and `key=value` overrides."""
     from omegaconf import OmegaConf
@@ -36,6 +41,8 @@ def load_config(path: str | Path | None = None, overrides: Sequence[str] = (), s
     except OmegaConfBaseException as e:
         key = getattr(e, "full_key", None) or getattr(e, "key", None)
         where = f" (in {path})" if path else ""
+        if key in MOVED:
+            raise ConfigError(f"config key '{key}'{where} is now '{MOVED[key]}'") from None
         raise ConfigError(f"config key '{key}'{where}: {e.msg if hasattr(e, 'msg') else e}") from None
     check_bounds(obj)
     return obj

@@ -22,21 +22,20 @@ def f(default: Any = None, help: str = "", *, factory: Any = None, **bounds: Any
 
 @dataclass
 class RewardConfig:
-    """Weights of the named reward terms. The total reward is the weighted sum."""
+    """The reward: a function of the finished episode returning named terms, and the terms' weights."""
 
-    accuracy: float = f(1.0, "Weight of the accuracy term (1 if the answer matches, else 0).", min=0.0)
-    format: float = f(0.2, "Weight of the format term: 1 for a clean episode, minus format_penalty per malformed action, floored at -1.", min=0.0)
-    format_penalty: float = f(0.5, "How much each malformed action (bad JSON, unknown tool, bad arguments, over budget) takes off the format term.", min=0.0, max=1.0)
-    tool: float = f(0.1, "Weight of the tool bonus: paid when the answer is right and at least one tool call succeeded (ParaVT, DeepEyes).", min=0.0)
-    evidence: float = f(0.2, "Weight of the evidence term: Video-o3's ((2*IoU+IoP+IoG)/4+1)/2 of the zoomed windows against the ground-truth spans, paid only when the answer is right and the format is clean.", min=0.0)
-    cost_per_frame: float = f(0.0, "Cost per frame returned by tools (subtracted).", min=0.0)
-    cost_per_turn: float = f(0.0, "Cost per model turn after the first (subtracted).", min=0.0)
+    fn: str = f("env.rewards:default_reward", "The reward function, `module:function`, called as fn(episode, task, **kwargs) -> {term: value} in the env's process (env/rewards.py says what `episode` holds). The default: accuracy, format, tool, evidence, cost.")
+    weights: dict[str, float] = f(factory=lambda: {"accuracy": 1.0, "format": 0.2, "tool": 0.1, "evidence": 0.2, "cost": 1.0},
+                                  help="Weight of each named term (1 for a term not listed); the reward is the weighted sum and the trajectory records the weighted terms.")
+    kwargs: dict[str, Any] = f(factory=dict, help="Keyword arguments of the reward function. The default's: format_penalty (0.5, taken off the format term per malformed turn), cost_per_frame (0.0), cost_per_turn (0.0, per turn after the first).")
 
 
 @dataclass
 class EnvConfig:
     """The video-tool environment: overview, tool caps, budgets, decoding."""
 
+    tools: list[str] = f(factory=lambda: ["temporal_zoom", "spatial_zoom", "temporal_search", "get_frame"],
+                         help="The tools of a run: built-in names (temporal_zoom, spatial_zoom, temporal_search, get_frame) or `module:attribute` naming an env.Tool, resolved in the process that runs the env.")
     overview_frames: int = f(8, "Frames in the first observation's uniform overview of the whole video.", min=1, max=256)
     overview_choices: Optional[list[int]] = f(None, "If set, the overview frame count is drawn per task (seeded by the task id) from this list, e.g. [4, 8, 16, 32] as in ParaVT, so tool calls earn measurable credit.")
     overview_size: list[int] = f(factory=lambda: [160, 90], help="(width, height) of overview frames. Small on purpose: the overview is a coarse map, the tools give detail.")
@@ -49,11 +48,11 @@ class EnvConfig:
     max_calls_per_turn: int = f(4, "Tool calls in one turn (they run in parallel).", min=1)
     max_frames: int = f(64, "Frames the tools may return in one episode, overview excluded.", min=0)
     search_top_k: int = f(5, "Most results temporal_search returns.", min=1, max=50)
-    decode_threads: int = f(2, "Threads that decode video for a VectorVideoEnv.", min=1, max=64)
+    decode_threads: int = f(2, "Threads that step episodes (and so decode video) in parallel in one env process.", min=1, max=64)
     cache_bytes: int = f(512 * 2**20, "Byte bound of the process-wide decoded-frame LRU cache shared by all episodes.", min=0)
     reader_pool_size: int = f(16, "Open decord readers kept per process (LRU).", min=1)
     seed: int = f(0, "Seed for per-task random choices (overview size draw).")
-    num_actors: int = f(1, "EnvActors (Ray actors hosting a VectorVideoEnv) in a `weft train` run; the rollout workers share them. Scales apart from rollout.num_workers: decoding is CPU work.", min=1)
+    num_actors: int = f(1, "EnvActors (Ray actors hosting many episodes) in a `weft train` run; the rollout workers share them. Scales apart from rollout.num_workers: decoding is CPU work.", min=1)
     num_cpus: float = f(0.25, "CPUs Ray reserves for each EnvActor (fractional: it mostly waits on decord threads).", min=0.0)
 
 

@@ -19,17 +19,15 @@ from collections import Counter
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any, Optional
 
-import numpy as np
-
 from configs.schema import EnvConfig, RewardConfig
 from env.errors import VideoError
 from env.parser import parse_action
-from env.rewards import EpisodeSummary, compute_reward, point_window
-from env.search import CaptionIndex
-from env.tools import tool_schemas, validate_call
-from env.types import IMAGE_MARKER, Frame, Observation, Task, ToolCall
-from env.video import FrameDecoder, get_decoder, resize_to_fit
-from protos.records import FrameRef, Status, content_hash
+from env.rewards import RewardFn, load_reward, weigh
+from env.tool import EpisodeVideo, Tool, ToolError, ToolOutput
+from env.tools import load_tools, validate_call
+from env.types import IMAGE_MARKER, Episode, Frame, Observation, Task, ToolCall, ToolCallRecord
+from env.video import FrameDecoder, get_decoder
+from protos.records import Status
 
 # Tool calls of one turn run in parallel on this pool (decoding releases the GIL).
 _TOOL_POOL: Optional[ThreadPoolExecutor] = None
@@ -60,12 +58,12 @@ class _Episode:
     tool_calls_ok: int = 0
     frames_returned: int = 0
     format_errors: int = 0
-    zoom_windows: list = dataclasses.field(default_factory=list)
+    calls: list[ToolCallRecord] = dataclasses.field(default_factory=list)
     answer: Optional[str] = None
     done: bool = False
     status: Status = Status.COMPLETED
     error: str = ""
-    index: Optional[CaptionIndex] = None
+    video: Optional[EpisodeVideo] = None
     decode_s: float = 0.0
 
 
@@ -74,11 +72,14 @@ class VideoToolEnv:
 
     `VideoToolEnv(**overrides)` takes EnvConfig field names (e.g. overview_frames=4);
     `cfg=`/`reward_cfg=` pass whole configs, `decoder=` a FrameDecoder (default: the
-    process-wide shared one, so the G episodes of a group share decodes).
+    process-wide shared one, so the G episodes of a group share decodes). The tools are
+    `cfg.tools` and the reward function `reward_cfg.fn`, resolved here (`tools=` and
+    `reward=` pass already-resolved ones, as the episode hosts do once per process).
     """
 
     def __init__(self, cfg: Optional[EnvConfig] = None, reward_cfg: Optional[RewardConfig] = None, *,
-                 decoder: Optional[FrameDecoder] = None, **overrides: Any):
+                 decoder: Optional[FrameDecoder] = None, tools: Optional[dict[str, Tool]] = None,
+                 reward: Optional[RewardFn] = None, **overrides: Any):
         cfg = cfg or EnvConfig()
         unknown = set(overrides) - {f.name for f in dataclasses.fields(EnvConfig)}
         if unknown:
@@ -86,7 +87,9 @@ class VideoToolEnv:
         self.cfg = dataclasses.replace(cfg, **overrides)
         self.reward_cfg = reward_cfg or RewardConfig()
         self.decoder = decoder or get_decoder(self.cfg.cache_bytes, self.cfg.reader_pool_size)
-        self.tools = tool_schemas(self.cfg)
+        self.toolset = tools if tools is not None else load_tools(self.cfg)
+        self.reward_fn = reward if reward is not None else load_reward(self.reward_cfg)
+        self.tools = [t.schema for t in self.toolset.values()]  # what the chat template shows the model
         self._ep: Optional[_Episode] = None
 
     # ---------------------------------------------------------------- reset
@@ -101,7 +104,7 @@ class VideoToolEnv:
             frames = self._decode(ep, times, tuple(self.cfg.overview_size))
         except VideoError as e:
             return self._fail(ep, e), self._info(ep, overview_frames=0)
-        ep.index = CaptionIndex(task.captions) if task.captions else None
+        ep.video = EpisodeVideo(task.video, self.decoder, self.cfg.max_pixels_per_frame, list(task.captions))
         lines = [f"Video: {ep.duration:.1f} s long. Overview: {len(frames)} frames sampled uniformly."]
         lines += [f"t={fr.time:.1f}s {IMAGE_MARKER}" for fr in frames]
         lines.append(f"Question: {_clean(task.question)}")
@@ -134,7 +137,7 @@ class VideoToolEnv:
             return Observation("error: the episode is over; call reset()"), 0.0, True, False, self._info(ep)
         try:
             return self._step(ep, action if isinstance(action, str) else str(action))
-        except VideoError as e:
+        except (VideoError, _RewardFailed) as e:
             return self._fail(ep, e), 0.0, True, False, self._info(ep)
         except Exception as e:  # noqa: BLE001 - an env bug must not kill a rollout worker: count it, end the episode
             COUNTERS["env_crash"] += 1
@@ -168,97 +171,103 @@ class VideoToolEnv:
         if ep is None or ep.done:
             return 0.0, self._info(ep) if ep else {"status": "FAILED"}
         ep.done, ep.status = True, Status.TRUNCATED
-        reward, terms = self._score(ep)
+        try:
+            reward, terms = self._score(ep)
+        except _RewardFailed as e:
+            self._fail(ep, e)
+            return 0.0, self._info(ep)
         return reward, self._info(ep, reward_terms=terms, truncated_by=reason)
 
     # ---------------------------------------------------------------- tools
     def _run_calls(self, ep: _Episode, calls: list[ToolCall]) -> tuple[str, list[Frame], int]:
-        """Validate every call against schema and budgets, run the valid ones in parallel.
-        Returns the observation text, the frames, and how many calls were refused."""
-        plans: list[tuple[ToolCall, Optional[dict], Optional[str]]] = []
+        """Validate every call against its tool's schema, check and the budgets, run the valid ones in
+        parallel. Returns the observation text, the frames, and how many calls were refused."""
+        plans: list[tuple[ToolCall, Optional[dict], Optional[str], int]] = []
         frames_left = self.cfg.max_frames - ep.frames_returned
         for call in calls:
-            args, err = validate_call(call, cfg=self.cfg, duration=ep.duration, has_captions=ep.index is not None)
+            args, err = validate_call(call, self.toolset, ep.duration)
+            cost = self.toolset[call.name].cost(args) if err is None else 0
             if err is None and ep.tool_calls >= self.cfg.max_tool_calls:
                 err = f"tool-call budget exhausted ({self.cfg.max_tool_calls} per episode); answer now"
+            elif err is None and cost > self.cfg.max_frames_per_call:
+                err = f"{call.name} asks for {cost} frames; at most {self.cfg.max_frames_per_call} per call"
+            elif err is None and cost > frames_left:
+                err = f"frame budget: {call.name} asks for {cost} frame(s) but only {frames_left} are left"
             if err is None:
-                need = _frames_needed(call.name, args)
-                if need > frames_left:
-                    err = f"frame budget: {call.name} asks for {need} frame(s) but only {frames_left} are left"
-                else:
-                    frames_left -= need
-                    ep.tool_calls += 1
-            plans.append((call, args, err))
-        runnable = [(c, a) for c, a, e in plans if e is None]
+                frames_left -= cost
+                ep.tool_calls += 1
+            plans.append((call, args, err, cost))
         pool = _tool_pool(self.cfg.decode_threads)
-        futures = {id(c): pool.submit(self._run_tool, ep, c.name, a) for c, a in runnable}
-        texts, frames = [], []
-        for call, args, err in plans:
+        futures = {id(c): pool.submit(self._run_tool, ep, c.name, a, cost) for c, a, e, cost in plans if e is None}
+        texts, frames, refused = [], [], 0
+        for call, args, err, cost in plans:
             head = f"[{call.name}]" if call.name else "[tool call]"
+            if err is None:
+                out, fr, err = futures[id(call)].result()  # re-raises VideoError: the episode fails
+                if err is not None:  # the tool refused it: nothing of the budget is spent
+                    ep.tool_calls -= 1
             if err is not None:
+                refused += 1
                 texts.append(f"{head} error: {err}")
+                ep.calls.append(ToolCallRecord(ep.turns, str(call.name), call.arguments if args is None else args,
+                                               False, error=err))
                 continue
-            text, fr = futures[id(call)].result()  # re-raises VideoError: the episode fails
             ep.tool_calls_ok += 1
             ep.frames_returned += len(fr)  # tool frames count against the budget; the overview is free
-            texts.append(f"{head} {text}")
+            texts.append(_frame_list_text(f"{head} {_clean(out.text)}", fr) if fr else f"{head} {_clean(out.text)}")
             frames += fr
-        return "\n".join(texts), frames, sum(e is not None for _, _, e in plans)
+            ep.calls.append(ToolCallRecord(ep.turns, call.name, args, True, output=out,
+                                           label=self.toolset[call.name].describe(args)))
+        return "\n".join(texts), frames, refused
 
-    def _run_tool(self, ep: _Episode, name: str, args: dict) -> tuple[str, list[Frame]]:
-        if name == "temporal_zoom":
-            start, end, n = args["start"], args["end"], args["num_frames"]
-            times = [start + (end - start) * (i + 0.5) / n for i in range(n)]
-            frames = self._decode(ep, times, tuple(self.cfg.zoom_size))
-            ep.zoom_windows.append((start, end))
-            return _frame_list_text(f"{len(frames)} frame(s) from {start:.1f}s to {end:.1f}s:", frames), frames
-        if name == "get_frame":
-            frames = self._decode(ep, [args["time"]], tuple(self.cfg.zoom_size))
-            ep.zoom_windows.append(_clip(point_window(args["time"]), ep.duration))
-            return _frame_list_text("1 frame:", frames), frames
-        if name == "spatial_zoom":
-            frames = self._decode(ep, [args["time"]], None, crop=tuple(args["bbox"]))
-            ep.zoom_windows.append(_clip(point_window(args["time"]), ep.duration))
-            x1, y1, x2, y2 = args["bbox"]
-            return _frame_list_text(f"crop [{x1:.2f}, {y1:.2f}, {x2:.2f}, {y2:.2f}]:", frames), frames
-        if name == "temporal_search":
-            hits = ep.index.search(args["query"], args["top_k"])
-            if not hits:
-                return "no matching moment found.", []
-            rows = [f"{i + 1}. {c.start:.1f}s-{c.end:.1f}s (score {s:.2f}): {_clean(c.text)}" for i, (c, s) in enumerate(hits)]
-            return "best matches:\n" + "\n".join(rows), []
-        raise ValueError(f"validated call to unknown tool {name!r}")  # validate_call guarantees this is unreachable
-
-    def _decode(self, ep: _Episode, times: list[float], size: Optional[tuple[int, int]],
-                crop: Optional[tuple[float, ...]] = None) -> list[Frame]:
-        """Frames at the given seconds (deduplicated by frame index), with refs and hashes."""
-        indices = sorted({min(max(int(np.floor(t * ep.fps)), 0), ep.num_frames - 1) for t in times})
-        if crop is not None:
-            x1, y1, x2, y2 = crop
-            info = self.decoder.info(ep.task.video)
-            cw, ch = max(1, round((x2 - x1) * info.width)), max(1, round((y2 - y1) * info.height))
-            box_w, box_h = self.cfg.crop_size
-            scale = min(box_w / cw, box_h / ch)  # fit the crop in the box, upscaling small crops
-            size = (max(1, round(cw * scale)), max(1, round(ch * scale)))
-        size = resize_to_fit(size[0], size[1], self.cfg.max_pixels_per_frame)
+    def _run_tool(self, ep: _Episode, name: str, args: dict, cost: int) -> tuple[Optional[ToolOutput], list[Frame], Optional[str]]:
+        """(output, its frames with refs, None), or (None, [], why it was refused). VideoError propagates."""
         t0 = time.perf_counter()
-        images = self.decoder.frames(ep.task.video, indices, size=size, crop=crop)
+        try:
+            out = self.toolset[name].run(ep.video, args)
+            if not isinstance(out, ToolOutput):
+                raise ToolError(f"{name} returned a {type(out).__name__}, not an env.ToolOutput")
+            frames = [ep.video.frame(img) for img in out.frames]
+            if len(frames) > cost:
+                raise ToolError(f"{name} returned {len(frames)} frames, more than its frame_cost {cost}")
+            if out.window is not None:
+                a, b = (float(v) for v in out.window)
+                out = dataclasses.replace(out, window=(max(0.0, min(a, b)), min(ep.duration, max(a, b))))
+        except VideoError:
+            raise
+        except ToolError as e:
+            return None, [], str(e)
+        except Exception as e:  # noqa: BLE001 - a broken tool refuses its call; the episode and the run go on
+            COUNTERS["tool_crash"] += 1
+            COUNTERS[f"tool_crash:{name}"] += 1
+            return None, [], f"{name} failed ({type(e).__name__}: {str(e)[:200]})"
+        finally:
+            ep.decode_s += time.perf_counter() - t0
+        return out, frames, None
+
+    def _decode(self, ep: _Episode, times: list[float], size: tuple[int, int]) -> list[Frame]:
+        """The overview: frames at the given seconds (each once), with refs and hashes."""
+        t0 = time.perf_counter()
+        video = EpisodeVideo(ep.task.video, self.decoder, self.cfg.max_pixels_per_frame)
+        images, _ = video.get_frames(times, size)
         ep.decode_s += time.perf_counter() - t0
-        out = []
-        for idx, img in zip(indices, images):
-            ref = FrameRef(video=ep.task.video, frame_index=idx, time=idx / ep.fps,
-                           crop=tuple(crop) if crop else (0.0, 0.0, 1.0, 1.0),
-                           size=(img.shape[1], img.shape[0]), content_hash=content_hash(img))
-            out.append(Frame(image=img, time=idx / ep.fps, ref=ref))
-        return out
+        return [video.frame(img) for img in images]
 
     # --------------------------------------------------------------- scoring
+    def episode(self) -> Optional[Episode]:
+        """The current episode as a reward function sees it (None before reset)."""
+        ep = self._ep
+        if ep is None:
+            return None
+        return Episode(answer=ep.answer, tool_calls=list(ep.calls), turns=ep.turns, format_errors=ep.format_errors,
+                       status=ep.status.value, frames_returned=ep.frames_returned, duration=ep.duration)
+
     def _score(self, ep: _Episode) -> tuple[float, dict[str, float]]:
-        summary = EpisodeSummary(
-            answer=ep.answer, task_answer=ep.task.answer, options=ep.task.options, evidence=ep.task.evidence,
-            format_errors=ep.format_errors, tool_calls_ok=ep.tool_calls_ok, zoom_windows=list(ep.zoom_windows),
-            frames_returned=ep.frames_returned, turns=ep.turns, status=ep.status.value)
-        return compute_reward(summary, self.reward_cfg)
+        try:
+            return weigh(self.reward_fn(self.episode(), ep.task), self.reward_cfg.weights)
+        except Exception as e:  # noqa: BLE001 - a broken reward function fails this episode, not the run
+            COUNTERS["reward_crash"] += 1
+            raise _RewardFailed(f"reward function {self.reward_cfg.fn!r} failed: {type(e).__name__}: {e}") from None
 
     def _fail(self, ep: _Episode, err: Exception, kind: Optional[str] = None) -> Observation:
         ep.done, ep.status = True, Status.FAILED
@@ -271,19 +280,16 @@ class VideoToolEnv:
         info = {"task_id": ep.task.id, "status": ep.status.value if ep.done else "RUNNING",
                 "duration": ep.duration, "fps": ep.fps, "turns": ep.turns, "tool_calls": ep.tool_calls,
                 "tool_calls_ok": ep.tool_calls_ok, "frames_returned": ep.frames_returned,
-                "format_errors": ep.format_errors, "decode_s": ep.decode_s, "answer": ep.answer}
+                "format_errors": ep.format_errors, "decode_s": ep.decode_s, "answer": ep.answer,
+                "calls": [c.to_dict() for c in ep.calls if c.turn == ep.turns]}
         if ep.error:
             info["error"] = ep.error
         info.update(extra)
         return info
 
 
-def _frames_needed(name: str, args: dict) -> int:
-    return args["num_frames"] if name == "temporal_zoom" else (0 if name == "temporal_search" else 1)
-
-
-def _clip(window: tuple[float, float], duration: float) -> tuple[float, float]:
-    return max(0.0, window[0]), min(duration, window[1])
+class _RewardFailed(Exception):
+    """The reward function raised or returned something that is not named finite numbers."""
 
 
 def _frame_list_text(head: str, frames: list[Frame]) -> str:

@@ -29,3 +29,9 @@ class VideoCorrupt(VideoError):
 
 class VideoDecodeTimeout(VideoError):
     """Opening or decoding the file took longer than the allowed time (a hang was cut off)."""
+
+
+class EpisodeLost(Exception):
+    """The env no longer holds this episode: the env actor hosting it died and Ray restarted it between
+    two of the episode's calls. Not the policy's fault, so it is not caught as a failed episode: the
+    rollout worker runs the group again."""

@@ -1,18 +1,21 @@
-"""Rewards as named terms: answer matching, Video-o3's evidence score, and the episode total.
+"""Rewards as named terms: answer matching, Video-o3's evidence score, and the default reward function.
 
-`compute_reward` returns the total and its *weighted* parts (accuracy, format,
-tool, evidence, cost); the parts sum to the total exactly (the total is their
-sum). Decisions:
+A reward function is a plain function `fn(episode, task) -> dict[str, float]` of the finished
+`env.types.Episode` (answer, tool calls with their outputs and windows, turns, format errors);
+`reward.fn` names it (`module:function`, resolved in the env's process) and `reward.kwargs` are
+passed to it. Its terms are weighted (`reward.weights`, 1 when not given) and summed: the
+trajectory records the weighted terms, which add up to its reward exactly. `default_reward` is
+weft's own. Its decisions:
 * An episode that ends without an answer (truncated, aborted, failed) counts one
   extra format error: not answering is a way of not following the format.
-* format = max(-1, 1 - format_penalty * format_errors), weighted by cfg.format.
+* format = max(-1, 1 - format_penalty * format_errors).
 * tool bonus: answer right and >= 1 tool call succeeded.
 * evidence: answer right, no format errors (counting the one above), and the task
   has ground-truth spans. Its value is ((2*IoU + IoP + IoG)/4 + 1)/2 as Video-o3
   states it, so a right answer whose windows miss the spans still gets 0.5 of the
   weight; zero windows give 0.
 * A get_frame / spatial_zoom at time t is the window [t - POINT_HALF_WIDTH_S,
-  t + POINT_HALF_WIDTH_S] (use `point_window`); the env builds zoom_windows.
+  t + POINT_HALF_WIDTH_S] (`point_window`); each tool reports its window in its ToolOutput.
 """
 
 from __future__ import annotations
@@ -20,12 +23,13 @@ from __future__ import annotations
 import math
 import re
 import unicodedata
-from dataclasses import dataclass
-from typing import Optional
+from typing import Any, Callable, Optional
 
 from configs.schema import RewardConfig
+from env.types import Episode, Task
 
 POINT_HALF_WIDTH_S = 0.5
+DEFAULT_FN = "env.rewards:default_reward"
 NUMERIC_REL_TOL = 1e-6
 
 # ---------------------------------------------------------------- answer matching
@@ -208,46 +212,62 @@ def evidence_score(windows: list[tuple[float, float]], spans: list[tuple[float, 
 
 # ---------------------------------------------------------------- episode reward
 
-
-@dataclass
-class EpisodeSummary:
-    """What the reward needs to know about one finished episode."""
-
-    answer: Optional[str]
-    task_answer: str
-    options: Optional[list[str]]
-    evidence: list[tuple[float, float]]
-    format_errors: int
-    tool_calls_ok: int
-    zoom_windows: list[tuple[float, float]]
-    frames_returned: int
-    turns: int
-    status: str
+DEFAULT_WEIGHTS = {"accuracy": 1.0, "format": 0.2, "tool": 0.1, "evidence": 0.2, "cost": 1.0}
 
 
-def is_correct(s: EpisodeSummary) -> bool:
-    return s.answer is not None and match_answer(s.answer, s.task_answer, s.options)
+def is_correct(episode: Episode, task: Task) -> bool:
+    return episode.answer is not None and match_answer(episode.answer, task.answer, task.options)
 
 
-def effective_format_errors(s: EpisodeSummary) -> int:
-    """Malformed actions, plus one if the episode ended without an answer."""
-    return max(0, int(s.format_errors)) + (1 if s.answer is None else 0)
+def effective_format_errors(episode: Episode) -> int:
+    """Malformed turns, plus one if the episode ended without an answer."""
+    return max(0, int(episode.format_errors)) + (1 if episode.answer is None else 0)
 
 
-def compute_reward(s: EpisodeSummary, cfg: RewardConfig) -> tuple[float, dict[str, float]]:
-    """(total, weighted terms by name); sum(terms.values()) == total exactly."""
-    correct = is_correct(s)
-    n_errors = effective_format_errors(s)
-    format_value = max(-1.0, 1.0 - cfg.format_penalty * n_errors)
-    evidence_value = 0.0
-    if correct and n_errors == 0 and s.evidence:
-        evidence_value = evidence_score(s.zoom_windows, s.evidence)
-    cost = cfg.cost_per_frame * max(0, s.frames_returned) + cfg.cost_per_turn * max(0, s.turns - 1)
-    terms = {
-        "accuracy": cfg.accuracy * (1.0 if correct else 0.0),
-        "format": cfg.format * format_value,
-        "tool": cfg.tool * (1.0 if correct and s.tool_calls_ok >= 1 else 0.0),
-        "evidence": cfg.evidence * evidence_value,
-        "cost": -cost if cost else 0.0,
-    }
-    return sum(terms.values()), terms
+def default_reward(episode: Episode, task: Task, *, format_penalty: float = 0.5, cost_per_frame: float = 0.0,
+                   cost_per_turn: float = 0.0) -> dict[str, float]:
+    """weft's reward, unweighted: accuracy (1 if the answer matches), format (1 - format_penalty per
+    malformed turn, floored at -1), tool (right and at least one call succeeded: ParaVT, DeepEyes),
+    evidence (Video-o3's score of the looked-at windows, when right, clean and the task has spans),
+    cost (minus the frames and extra turns it spent, when priced)."""
+    correct = is_correct(episode, task)
+    n_errors = effective_format_errors(episode)
+    evidence = 0.0
+    if correct and n_errors == 0 and task.evidence:
+        evidence = evidence_score(episode.windows, task.evidence)
+    cost = cost_per_frame * max(0, episode.frames_returned) + cost_per_turn * max(0, episode.turns - 1)
+    return {"accuracy": 1.0 if correct else 0.0, "format": max(-1.0, 1.0 - format_penalty * n_errors),
+            "tool": 1.0 if correct and any(c.ok for c in episode.tool_calls) else 0.0,
+            "evidence": evidence, "cost": -cost if cost else 0.0}
+
+
+RewardFn = Callable[..., dict]
+
+
+def load_reward(cfg: RewardConfig) -> RewardFn:
+    """The configured reward function (`reward.fn`, `module:function`) with its `reward.kwargs` bound."""
+    from env.tool import load_object
+
+    fn = default_reward if cfg.fn in ("", DEFAULT_FN) else load_object(cfg.fn, "reward.fn")
+    if not callable(fn):
+        raise ValueError(f"reward.fn {cfg.fn!r} is a {type(fn).__name__}, not a function")
+    kwargs = dict(cfg.kwargs or {})
+    return (lambda episode, task: fn(episode, task, **kwargs)) if kwargs else fn
+
+
+def weigh(terms: Any, weights: dict[str, float]) -> tuple[float, dict[str, float]]:
+    """(total, weighted terms) of a reward function's named terms: each times its weight (1 when not
+    given); the total is their sum exactly. ValueError for terms that are not finite numbers by name."""
+    if not isinstance(terms, dict) or not terms:
+        raise ValueError(f"a reward function must return a non-empty dict of named terms, got {type(terms).__name__}")
+    out = {}
+    for k, v in terms.items():
+        if not isinstance(k, str) or isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v):
+            raise ValueError(f"reward term {k!r} = {v!r} is not a finite number")
+        out[k] = float(weights.get(k, 1.0)) * float(v)
+    return sum(out.values()), out
+
+
+def compute_reward(episode: Episode, task: Task, cfg: RewardConfig) -> tuple[float, dict[str, float]]:
+    """(total, weighted terms) of an episode under `cfg`; sum(terms.values()) == total exactly."""
+    return weigh(load_reward(cfg)(episode, task), cfg.weights)

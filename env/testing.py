@@ -1,12 +1,14 @@
 """Unit-test a video-tool environment without a model.
 
 * `check_env(tasks, ...)`: a gymnasium-checker-like audit: API shapes, determinism
-  under a seed, budgets, every tool's schema against what the env accepts, and a
-  fuzzing pass. Raises `EnvCheckError` listing every problem.
+  under a seed, budgets, every tool's schema against what the env accepts (a user's tools
+  as well as the built-ins), and a fuzzing pass. Raises `EnvCheckError` listing every problem.
 * Scripted policies: `OraclePolicy` (search -> zoom -> answer, from the evidence),
   `BlindPolicy` (answers from the overview alone), `RandomPolicy` (random valid
   tool calls, then a random answer), `FuzzPolicy` (malformed and adversarial text).
 * `run_episodes(tasks, policy, ...)`: the summary `weft check-env` prints.
+Both drive episodes through the one episode interface (env/episodes.py), so the same audit runs
+on an in-process LocalEnv and on a Ray-hosted env actor (actors.env_actor.RemoteEnv).
 
 Policies answer from pixels when given perception functions (`locate`, `read`):
 the oracle is then honest evidence that the tools return the right frames, and the
@@ -15,6 +17,7 @@ blind policy that the overview alone does not answer the question.
 
 from __future__ import annotations
 
+import asyncio
 import json
 import random
 import time
@@ -24,9 +27,10 @@ from typing import Any, Callable, Optional, Protocol, Sequence
 import numpy as np
 
 from configs.schema import EnvConfig, RewardConfig
-from env.env import COUNTERS, VideoToolEnv
+from env.env import COUNTERS
+from env.episodes import LocalEnv
 from env.fuzz import fuzz_actions
-from env.tools import sample_invalid_args, sample_valid_args
+from env.tools import TOOL_NAMES, sample_invalid_args, sample_valid_args
 from env.types import IMAGE_MARKER, Frame, Observation, Task
 from protos.records import FrameRef, content_hash
 
@@ -128,24 +132,23 @@ class RandomPolicy:
     def act(self, obs: Observation, info: dict) -> str:
         if self.rng.random() < self.answer_prob:
             return f"<answer>{_guess(self.task, self.rng)}</answer>"
-        tool = self.rng.choice(self.tools)
-        if tool["function"]["name"] == "temporal_search" and not self.task.captions:
-            tool = next(t for t in self.tools if t["function"]["name"] == "get_frame")
+        usable = [t for t in self.tools if t["function"]["name"] != "temporal_search" or self.task.captions]
+        tool = self.rng.choice(usable or self.tools)
         return call(tool["function"]["name"], **sample_valid_args(tool, self.rng, self.duration))
 
 
 class FuzzPolicy:
     """Malformed and adversarial turns from env.fuzz, mixed with some valid ones."""
 
-    def __init__(self, seed: int = 0, batch: int = 64):
-        self.rng, self.batch, self.queue = random.Random(seed), batch, []
+    def __init__(self, seed: int = 0, batch: int = 64, tools: Optional[list[dict]] = None):
+        self.rng, self.batch, self.queue, self.tools = random.Random(seed), batch, [], tools
 
     def begin(self, task: Task, obs: Observation, info: dict) -> None:
         self.duration = info["duration"] or 60.0
 
     def act(self, obs: Observation, info: dict) -> str:
         if not self.queue:
-            self.queue = fuzz_actions(self.rng, self.batch, duration=self.duration)
+            self.queue = fuzz_actions(self.rng, self.batch, duration=self.duration, tools=self.tools)
         return self.queue.pop()
 
 
@@ -186,12 +189,14 @@ class EpisodeRecord:
     error: str = ""
 
 
-def run_episode(env: VideoToolEnv, task: Task, policy: Policy) -> EpisodeRecord:
-    """One episode of a scripted policy; exceptions from the env are recorded, not raised."""
+async def run_episode(env: Any, task: Task, policy: Policy, episode_id: str = "") -> EpisodeRecord:
+    """One episode of a scripted policy through the episode interface (env/episodes.py); exceptions from
+    the env are recorded, not raised."""
     latencies: list[float] = []
+    ep = env.episode(episode_id or f"harness-{task.id}-{time.monotonic_ns()}")
     try:
         t0 = time.perf_counter()
-        obs, info = env.reset(task)
+        obs, info = await ep.reset(task)
         latencies.append(time.perf_counter() - t0)
         reward, terms, done = 0.0, {}, info["status"] == "FAILED"
         if not done:
@@ -199,24 +204,31 @@ def run_episode(env: VideoToolEnv, task: Task, policy: Policy) -> EpisodeRecord:
         while not done:
             action = policy.act(obs, info)
             t0 = time.perf_counter()
-            obs, reward, terminated, truncated, info = env.step(action)
+            obs, reward, terminated, truncated, info = await ep.step(action)
             latencies.append(time.perf_counter() - t0)
             done = terminated or truncated
             terms = info.get("reward_terms", terms)
     except Exception as e:  # noqa: BLE001 - the harness reports env crashes instead of dying on them
         COUNTERS["harness_caught_crash"] += 1
         return EpisodeRecord(task.id, "CRASH", 0.0, {}, False, 0, 0, 0, latencies, f"{type(e).__name__}: {e}")
+    finally:
+        await ep.close()
     return EpisodeRecord(task.id, info["status"], float(reward), dict(terms), terms.get("accuracy", 0.0) > 0,
                          info["tool_calls_ok"], info["frames_returned"], info["turns"], latencies, info.get("error", ""))
 
 
 def run_episodes(tasks: Sequence[Task], policy: Policy, episodes: int, *, cfg: Optional[EnvConfig] = None,
-                 reward_cfg: Optional[RewardConfig] = None) -> dict[str, Any]:
-    """Run `episodes` episodes (cycling over tasks) and summarise them as `weft check-env` prints."""
-    env = VideoToolEnv(cfg, reward_cfg)
-    before = env.decoder.stats()
-    records = [run_episode(env, tasks[i % len(tasks)], policy) for i in range(episodes)]
-    after = env.decoder.stats()
+                 reward_cfg: Optional[RewardConfig] = None, env: Any = None) -> dict[str, Any]:
+    """Run `episodes` episodes (cycling over tasks) in `env` (default: a LocalEnv of `cfg`) and summarise
+    them as `weft check-env` prints."""
+    env = env or LocalEnv(cfg, reward_cfg)
+
+    async def go() -> tuple[dict, list[EpisodeRecord], dict]:
+        before = await env.stats()
+        records = [await run_episode(env, tasks[i % len(tasks)], policy, f"harness-{i}") for i in range(episodes)]
+        return before["decoder"], records, (await env.stats())["decoder"]
+
+    before, records, after = asyncio.run(go())
     return summarize(records, before, after)
 
 
@@ -245,27 +257,57 @@ def summarize(records: list[EpisodeRecord], before: dict, after: dict) -> dict[s
 # --------------------------------------------------------------------------- checking
 
 
+USER_TOOL_TRIES = 50  # schema-valid calls of a user's tool, of which its own check must let one through
+
+
 class EnvCheckError(AssertionError):
     """The environment broke its contract; the message lists every problem."""
 
 
 def check_env(tasks: Sequence[Task], *, cfg: Optional[EnvConfig] = None, reward_cfg: Optional[RewardConfig] = None,
-              seed: int = 0, fuzz_actions_count: int = 500, make_env: Optional[Callable[[], VideoToolEnv]] = None
-              ) -> dict[str, Any]:
-    """Audit an environment on some tasks. Returns a report; raises EnvCheckError on any problem."""
-    make_env = make_env or (lambda: VideoToolEnv(cfg, reward_cfg))
+              seed: int = 0, fuzz_actions_count: int = 500, env: Any = None) -> dict[str, Any]:
+    """Audit an environment on some tasks: its episodes (`env`: a LocalEnv of `cfg` by default, or an
+    actors.env_actor.RemoteEnv) and every tool it has, built-in or a user's. Returns a report; raises
+    EnvCheckError on any problem."""
+    env = env or LocalEnv(cfg, reward_cfg)
+    cfg = cfg or getattr(env, "cfg", None) or EnvConfig()
     problems: list[str] = []
     counts: dict[str, int] = {}
-    for name, check in (("api", _check_api), ("determinism", _check_determinism), ("budgets", _check_budgets),
-                        ("schemas", _check_schemas), ("fuzz", _check_fuzz)):
-        try:
-            counts[name] = check(make_env, list(tasks), seed, problems, fuzz_actions_count)
-        except Exception as e:  # noqa: BLE001 - a crash is itself a finding
-            problems.append(f"{name}: raised {type(e).__name__}: {e}")
+
+    async def go() -> None:
+        tools = await env.tool_schemas()
+        for name, check in (("api", _check_api), ("determinism", _check_determinism), ("budgets", _check_budgets),
+                            ("schemas", _check_schemas), ("fuzz", _check_fuzz)):
+            try:
+                counts[name] = await check(_Audit(env, cfg, tools, list(tasks), seed, problems, fuzz_actions_count))
+            except Exception as e:  # noqa: BLE001 - a crash is itself a finding
+                problems.append(f"{name}: raised {type(e).__name__}: {e}")
+
+    asyncio.run(go())
     report = {"ok": not problems, "problems": problems, "checked": counts}
     if problems:
         raise EnvCheckError("environment check failed:\n  " + "\n  ".join(problems))
     return report
+
+
+@dataclass
+class _Audit:
+    env: Any
+    cfg: EnvConfig
+    tools: list[dict]
+    tasks: list[Task]
+    seed: int
+    problems: list[str]
+    fuzz_n: int
+
+    def episode(self) -> Any:
+        return self.env.episode(f"check-{time.monotonic_ns()}-{random.random()}")
+
+    def a_valid_call(self, rng: random.Random, task: Task, duration: float) -> str:
+        """One schema-valid call of a tool this task can use (search needs captions)."""
+        usable = [t for t in self.tools if t["function"]["name"] != "temporal_search" or task.captions] or self.tools
+        tool = rng.choice(usable)
+        return call(tool["function"]["name"], **sample_valid_args(tool, rng, duration))
 
 
 def _check_obs(obs: Any, where: str, problems: list[str]) -> None:
@@ -287,114 +329,143 @@ def _check_obs(obs: Any, where: str, problems: list[str]) -> None:
             problems.append(f"{where}: a frame has a bad time {fr.time}")
 
 
-def _check_api(make_env, tasks, seed, problems, _n) -> int:
-    env = make_env()
-    for task in tasks:
-        out = env.reset(task)
-        if not (isinstance(out, tuple) and len(out) == 2 and isinstance(out[1], dict)):
-            problems.append(f"reset({task.id}) must return (obs, info)")
-            continue
-        _check_obs(out[0], f"reset({task.id})", problems)
-        res = env.step(call("get_frame", time=0.0))
-        if not (isinstance(res, tuple) and len(res) == 5):
-            problems.append("step must return (obs, reward, terminated, truncated, info)")
-            continue
-        obs, reward, term, trunc, info = res
-        _check_obs(obs, f"step({task.id})", problems)
-        if not isinstance(reward, float) or not np.isfinite(reward) or not isinstance(term, bool) \
-                or not isinstance(trunc, bool) or not isinstance(info, dict):
-            problems.append(f"step({task.id}): reward must be a finite float, terminated/truncated bools, info a dict")
-    return len(tasks)
+async def _check_api(a: _Audit) -> int:
+    rng = random.Random(a.seed)
+    for task in a.tasks:
+        ep = a.episode()
+        try:
+            out = await ep.reset(task)
+            if not (isinstance(out, tuple) and len(out) == 2 and isinstance(out[1], dict)):
+                a.problems.append(f"reset({task.id}) must return (obs, info)")
+                continue
+            _check_obs(out[0], f"reset({task.id})", a.problems)
+            res = await ep.step(a.a_valid_call(rng, task, out[1].get("duration") or 1.0))
+            if not (isinstance(res, tuple) and len(res) == 5):
+                a.problems.append("step must return (obs, reward, terminated, truncated, info)")
+                continue
+            obs, reward, term, trunc, info = res
+            _check_obs(obs, f"step({task.id})", a.problems)
+            if not isinstance(reward, float) or not np.isfinite(reward) or not isinstance(term, bool) \
+                    or not isinstance(trunc, bool) or not isinstance(info, dict):
+                a.problems.append(f"step({task.id}): reward must be a finite float, terminated/truncated bools, "
+                                  "info a dict")
+        finally:
+            await ep.close()
+    return len(a.tasks)
 
 
 def _fingerprint(obs: Observation) -> tuple:
     return obs.text, tuple(fr.ref.content_hash for fr in obs.frames)
 
 
-def _check_determinism(make_env, tasks, seed, problems, _n) -> int:
-    tools = make_env().tools
-    for task in tasks[:3]:
+async def _check_determinism(a: _Audit) -> int:
+    for task in a.tasks[:3]:
         runs = []
         for _ in range(2):
-            env, pol = make_env(), RandomPolicy(tools, seed=seed, answer_prob=0.0)
-            obs, info = env.reset(task, seed=seed)
-            trace = [_fingerprint(obs)]
-            if info["status"] != "FAILED":
-                pol.begin(task, obs, info)
-                for _ in range(3):
-                    obs, r, term, trunc, info = env.step(pol.act(obs, info))
-                    trace.append((_fingerprint(obs), r))
-                    if term or trunc:
-                        break
+            ep, pol = a.episode(), RandomPolicy(a.tools, seed=a.seed, answer_prob=0.0)
+            try:
+                obs, info = await ep.reset(task, seed=a.seed)
+                trace = [_fingerprint(obs)]
+                if info["status"] != "FAILED":
+                    pol.begin(task, obs, info)
+                    for _ in range(3):
+                        obs, r, term, trunc, info = await ep.step(pol.act(obs, info))
+                        trace.append((_fingerprint(obs), r))
+                        if term or trunc:
+                            break
+            finally:
+                await ep.close()
             runs.append(trace)
         if runs[0] != runs[1]:
-            problems.append(f"determinism: task {task.id} gave different observations for the same seed and actions")
-    return min(3, len(tasks))
+            a.problems.append(f"determinism: task {task.id} gave different observations for the same seed and actions")
+    return min(3, len(a.tasks))
 
 
-def _check_budgets(make_env, tasks, seed, problems, _n) -> int:
-    env = make_env()
-    cfg = env.cfg
-    for task in tasks[:3]:
-        obs, info = env.reset(task)
-        if info["status"] == "FAILED":
-            continue
-        greedy = "".join(call("temporal_zoom", start=0.0, end=info["duration"], num_frames=cfg.max_frames_per_call)
-                         for _ in range(cfg.max_calls_per_turn))
-        for turn in range(cfg.max_turns + 2):
-            obs, r, term, trunc, info = env.step(greedy)
-            if term or trunc:
-                break
+async def _check_budgets(a: _Audit) -> int:
+    cfg, rng = a.cfg, random.Random(a.seed + 1)
+    for task in a.tasks[:3]:
+        ep = a.episode()
+        try:
+            obs, info = await ep.reset(task)
+            if info["status"] == "FAILED":
+                continue
+            for _ in range(cfg.max_turns + 2):
+                greedy = "".join(a.a_valid_call(rng, task, info["duration"]) for _ in range(cfg.max_calls_per_turn))
+                obs, r, term, trunc, info = await ep.step(greedy)
+                if term or trunc:
+                    break
+        finally:
+            await ep.close()
         if not trunc or info["turns"] != cfg.max_turns:
-            problems.append(f"budgets: an episode without an answer must truncate after max_turns={cfg.max_turns}")
+            a.problems.append(f"budgets: an episode without an answer must truncate after max_turns={cfg.max_turns}")
         if info["frames_returned"] > cfg.max_frames or info["tool_calls"] > cfg.max_tool_calls:
-            problems.append(f"budgets: frames {info['frames_returned']}/{cfg.max_frames}, "
-                            f"tool calls {info['tool_calls']}/{cfg.max_tool_calls} over budget")
-    return min(3, len(tasks))
+            a.problems.append(f"budgets: frames {info['frames_returned']}/{cfg.max_frames}, "
+                              f"tool calls {info['tool_calls']}/{cfg.max_tool_calls} over budget")
+    return min(3, len(a.tasks))
 
 
-def _check_schemas(make_env, tasks, seed, problems, _n) -> int:
-    """Every tool accepts what its schema allows and refuses each way of breaking it."""
-    rng, env, checked = random.Random(seed), make_env(), 0
-    task = next((t for t in tasks if t.captions), tasks[0])
-    for spec in env.tools:
+async def _check_schemas(a: _Audit) -> int:
+    """Every tool refuses each way of breaking its schema. A built-in runs every call its schema and
+    rules allow; a user's tool (whose `check` may say more than its schema) must run at least one of
+    USER_TOOL_TRIES schema-valid calls, and what it returns must fit the observation contract."""
+    rng, checked = random.Random(a.seed), 0
+    task = next((t for t in a.tasks if t.captions), a.tasks[0])
+    for spec in a.tools:
         name = spec["function"]["name"]
         if name == "temporal_search" and not task.captions:
             continue
-        obs, info = env.reset(task)
-        if info["status"] == "FAILED":
-            problems.append(f"schemas: task {task.id} failed at reset: {info.get('error')}")
-            return checked
-        cases = [("valid", sample_valid_args(spec, rng, info["duration"])) for _ in range(5)]
-        cases += sample_invalid_args(spec, rng, info["duration"])
-        for kind, args in cases:
-            env.reset(task)
-            obs, *_ = env.step(f"<tool_call>{json.dumps({'name': name, 'arguments': args})}</tool_call>")
-            refused = "error" in obs.text
-            if kind == "valid" and refused:
-                problems.append(f"schemas: {name} refused arguments its schema allows: {args} -> {obs.text[:200]}")
-            elif kind != "valid" and not refused:
-                problems.append(f"schemas: {name} accepted arguments breaking it ({kind}): {args}")
-            checked += 1
+        ep = a.episode()
+        try:
+            obs, info = await ep.reset(task)
+            if info["status"] == "FAILED":
+                a.problems.append(f"schemas: task {task.id} failed at reset: {info.get('error')}")
+                return checked
+            builtin = name in TOOL_NAMES
+            cases = [("valid", sample_valid_args(spec, rng, info["duration"])) for _ in range(5 if builtin else USER_TOOL_TRIES)]
+            cases += sample_invalid_args(spec, rng, info["duration"])
+            ran, first_refusal = 0, ""
+            for kind, args in cases:
+                await ep.reset(task)
+                obs, *_ = await ep.step(f"<tool_call>{json.dumps({'name': name, 'arguments': args})}</tool_call>")
+                _check_obs(obs, f"schemas: {name}", a.problems)
+                refused = f"[{name}] error" in obs.text or obs.text.startswith("error")
+                if kind == "valid" and refused:
+                    first_refusal = first_refusal or f"{args} -> {obs.text[:200]}"
+                    if builtin:
+                        a.problems.append(f"schemas: {name} refused arguments its schema allows: {args} -> {obs.text[:200]}")
+                elif kind == "valid":
+                    ran += 1
+                elif not refused:
+                    a.problems.append(f"schemas: {name} accepted arguments breaking it ({kind}): {args}")
+                checked += 1
+            if not builtin and ran == 0:
+                a.problems.append(f"schemas: {name} ran none of {USER_TOOL_TRIES} schema-valid calls (its check refuses "
+                                  f"what its schema allows?) first: {first_refusal}")
+        finally:
+            await ep.close()
     return checked
 
 
-def _check_fuzz(make_env, tasks, seed, problems, n) -> int:
-    env, rng, done = make_env(), random.Random(seed), 0
+async def _check_fuzz(a: _Audit) -> int:
+    rng, done = random.Random(a.seed), 0
     crashes_before = COUNTERS.get("env_crash", 0)
-    actions = fuzz_actions(rng, n, duration=60.0)
-    obs, info = env.reset(tasks[0])
-    for action in actions:
-        if info.get("status") != "RUNNING":
-            obs, info = env.reset(tasks[done % len(tasks)])
-        obs, r, term, trunc, info = env.step(action)
-        _check_obs(obs, "fuzz", problems)
-        if not np.isfinite(r):
-            problems.append(f"fuzz: non-finite reward for {action[:80]!r}")
-        done += 1
-        if len(problems) > 20:
-            break
+    actions = fuzz_actions(rng, a.fuzz_n, duration=60.0, tools=a.tools)
+    ep = a.episode()
+    try:
+        obs, info = await ep.reset(a.tasks[0])
+        for action in actions:
+            if info.get("status") != "RUNNING":
+                obs, info = await ep.reset(a.tasks[done % len(a.tasks)])
+            obs, r, term, trunc, info = await ep.step(action)
+            _check_obs(obs, "fuzz", a.problems)
+            if not np.isfinite(r):
+                a.problems.append(f"fuzz: non-finite reward for {action[:80]!r}")
+            done += 1
+            if len(a.problems) > 20:
+                break
+    finally:
+        await ep.close()
     crashes = COUNTERS.get("env_crash", 0) - crashes_before
     if crashes:
-        problems.append(f"fuzz: the env caught {crashes} internal crash(es)")
+        a.problems.append(f"fuzz: the env caught {crashes} internal crash(es)")
     return done

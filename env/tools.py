@@ -1,36 +1,36 @@
-"""The four video tools, declared once: JSON schemas (OpenAI tool format) and argument validation.
+"""The four built-in video tools as `env.Tool` objects, and the JSON-Schema checks every tool's arguments get.
 
-`TOOL_SCHEMAS` is what the chat template shows the model; `tool_schemas(cfg)`
-fills the per-config caps in. `validate_call` checks a parsed call *against that
-same schema* (a small JSON-Schema interpreter: type, required,
-additionalProperties, minimum/maximum, minItems/maxItems, minLength/maxLength),
-then the semantic rules a schema cannot say, and returns normalised arguments
-or one exact error message. The env (env/env.py) executes; this module decides
-what is executable. `sample_valid_args`/`sample_invalid_args` let a checker
-prove the schema and the validator agree.
+`builtin_tools(cfg)` builds temporal_zoom, spatial_zoom, temporal_search and get_frame with
+this config's caps and frame sizes; `env.tools` names which of them (and which of a user's
+own Tools) a run has (env/tool.py). `check_schema` is a small JSON-Schema interpreter (type,
+required, additionalProperties, minimum/maximum, minItems/maxItems, minLength/maxLength);
+`Tool.validate` runs it and then the tool's own `check`, and returns normalised arguments or
+one exact error message. `sample_valid_args`/`sample_invalid_args` let a checker prove that a
+tool's schema and what it accepts agree (check_env does, for built-in and user tools alike).
 
-Semantic decisions:
+Semantic decisions of the built-ins:
 * Times are seconds in [0, duration]. A time up to TIME_TOLERANCE_S past the end
   is clamped to `duration` (models round up the last second); further is an error.
   -0.0 becomes 0.0.
 * temporal_zoom needs start < end after clamping (a single moment is get_frame).
 * bbox is [x1, y1, x2, y2] as fractions of the frame, x1 < x2, y1 < y2, and each
   side at least MIN_BBOX_SIDE (a smaller crop is upscaled noise).
-* temporal_search on a video without captions is an error naming the other tools;
-  the query must have non-whitespace text and at most MAX_QUERY_CHARS characters.
+* temporal_search on a video without captions is refused with a message naming the other
+  tools; the query must have non-whitespace text and at most MAX_QUERY_CHARS characters.
 * integer accepts 8.0 (JSON Schema does) and returns 8; booleans are never
   numbers; NaN and +-inf are rejected everywhere.
 """
 
 from __future__ import annotations
 
-import copy
 import math
 import random
-from functools import lru_cache
+import threading
 from typing import Any, Optional
 
 from configs.schema import EnvConfig
+from env.rewards import point_window
+from env.tool import Tool, ToolError, ToolOutput, resolve_tools
 from env.types import ToolCall
 
 TIME_TOLERANCE_S = 1.0
@@ -38,117 +38,117 @@ MIN_BBOX_SIDE = 0.05
 MAX_QUERY_CHARS = 500
 
 _TIME = {"type": "number", "minimum": 0}
+TOOL_NAMES: tuple[str, ...] = ("temporal_zoom", "spatial_zoom", "temporal_search", "get_frame")
 
 
-def _fn(name: str, description: str, properties: dict, required: list[str]) -> dict:
-    return {
-        "type": "function",
-        "function": {
-            "name": name,
-            "description": description,
-            "parameters": {
-                "type": "object",
-                "properties": properties,
-                "required": required,
-                "additionalProperties": False,
-            },
-        },
-    }
+def _object(properties: dict, required: list[str]) -> dict:
+    return {"type": "object", "properties": properties, "required": required, "additionalProperties": False}
 
 
-TOOL_SCHEMAS: list[dict] = [
-    _fn("temporal_zoom",
-        "Look closer at a time window: returns num_frames frames sampled uniformly in [start, end] "
-        "seconds, each with its timestamp.",
-        {"start": {**_TIME, "description": "Window start, in seconds from the beginning of the video."},
-         "end": {**_TIME, "description": "Window end, in seconds; must be greater than start."},
-         "num_frames": {"type": "integer", "minimum": 1, "maximum": 16,
-                        "description": "How many frames to sample in the window."}},
-        ["start", "end", "num_frames"]),
-    _fn("spatial_zoom",
-        "Crop a region of the frame at one moment and return it at higher resolution.",
-        {"time": {**_TIME, "description": "The moment, in seconds."},
-         "bbox": {"type": "array", "minItems": 4, "maxItems": 4,
-                  "items": {"type": "number", "minimum": 0, "maximum": 1},
-                  "description": "[x1, y1, x2, y2] as fractions of the frame width and height in [0, 1], "
-                                 f"x1 < x2, y1 < y2, each side at least {MIN_BBOX_SIDE}."}},
-        ["time", "bbox"]),
-    _fn("temporal_search",
-        "Find the moments whose captions or subtitles best match a text query; returns time "
-        "spans with their text, best first. Only for videos that have captions.",
-        {"query": {"type": "string", "minLength": 1, "maxLength": MAX_QUERY_CHARS,
-                   "description": "What to look for, in words."},
-         "top_k": {"type": "integer", "minimum": 1, "maximum": 5,
-                   "description": "How many moments to return."}},
-        ["query", "top_k"]),
-    _fn("get_frame",
-        "Return the single frame at one moment, with its timestamp.",
-        {"time": {**_TIME, "description": "The moment, in seconds."}},
-        ["time"]),
-]
+def builtin_tools(cfg: EnvConfig) -> dict[str, Tool]:
+    """The four built-in tools with this config's caps (frames per call, search hits) and sizes."""
+    zoom_size, crop_size = tuple(cfg.zoom_size), tuple(cfg.crop_size)
+    return {t.name: t for t in (
+        Tool("temporal_zoom",
+             "Look closer at a time window: returns num_frames frames sampled uniformly in [start, end] "
+             "seconds, each with its timestamp.",
+             _object({"start": {**_TIME, "description": "Window start, in seconds from the beginning of the video."},
+                      "end": {**_TIME, "description": "Window end, in seconds; must be greater than start."},
+                      "num_frames": {"type": "integer", "minimum": 1, "maximum": int(cfg.max_frames_per_call),
+                                     "description": "How many frames to sample in the window."}},
+                     ["start", "end", "num_frames"]),
+             run=lambda video, a: _run_temporal_zoom(video, a, zoom_size), check=_semantic_temporal_zoom,
+             frame_cost=lambda a: a["num_frames"], label=lambda a: f"zoom {a['start']:.1f}-{a['end']:.1f}s"),
+        Tool("spatial_zoom",
+             "Crop a region of the frame at one moment and return it at higher resolution.",
+             _object({"time": {**_TIME, "description": "The moment, in seconds."},
+                      "bbox": {"type": "array", "minItems": 4, "maxItems": 4,
+                               "items": {"type": "number", "minimum": 0, "maximum": 1},
+                               "description": "[x1, y1, x2, y2] as fractions of the frame width and height in "
+                                              f"[0, 1], x1 < x2, y1 < y2, each side at least {MIN_BBOX_SIDE}."}},
+                     ["time", "bbox"]),
+             run=lambda video, a: _run_spatial_zoom(video, a, crop_size), check=_semantic_spatial_zoom,
+             frame_cost=lambda a: 1, label=lambda a: f"crop @{a['time']:.1f}s"),
+        Tool("temporal_search",
+             "Find the moments whose captions or subtitles best match a text query; returns time "
+             "spans with their text, best first. Only for videos that have captions.",
+             _object({"query": {"type": "string", "minLength": 1, "maxLength": MAX_QUERY_CHARS,
+                                "description": "What to look for, in words."},
+                      "top_k": {"type": "integer", "minimum": 1, "maximum": int(cfg.search_top_k),
+                                "description": "How many moments to return."}},
+                     ["query", "top_k"]),
+             run=_run_temporal_search, check=_semantic_temporal_search, frame_cost=lambda a: 0,
+             label=lambda a: f"search {a['query'][:30]!r}"),
+        Tool("get_frame",
+             "Return the single frame at one moment, with its timestamp.",
+             _object({"time": {**_TIME, "description": "The moment, in seconds."}}, ["time"]),
+             run=lambda video, a: _run_get_frame(video, a, zoom_size), check=_semantic_get_frame,
+             frame_cost=lambda a: 1, label=lambda a: f"frame @{a['time']:.1f}s"),
+    )}
 
-TOOL_NAMES: tuple[str, ...] = tuple(t["function"]["name"] for t in TOOL_SCHEMAS)
+
+_RESOLVED: dict[tuple, dict[str, Tool]] = {}
+_RESOLVED_LOCK = threading.Lock()
+
+
+def load_tools(cfg: EnvConfig) -> dict[str, Tool]:
+    """The tools `cfg.tools` names, resolved once per process and config (a user's module is imported here)."""
+    key = (tuple(cfg.tools), cfg.max_frames_per_call, cfg.search_top_k, tuple(cfg.zoom_size), tuple(cfg.crop_size))
+    with _RESOLVED_LOCK:
+        if key not in _RESOLVED:
+            _RESOLVED[key] = resolve_tools(cfg.tools, builtin_tools(cfg))
+        return _RESOLVED[key]
 
 
 def tool_schemas(cfg: EnvConfig, *, include_search: bool = True) -> list[dict]:
-    """TOOL_SCHEMAS with this config's caps (num_frames, top_k). A fresh copy the caller may edit.
-
+    """The tools of `cfg` as the chat template shows them (fresh copies the caller may edit);
     include_search=False leaves temporal_search out, for prompts of videos without captions."""
-    schemas = copy.deepcopy(_schemas_for(cfg.max_frames_per_call, cfg.search_top_k))
-    return [s for s in schemas if include_search or s["function"]["name"] != "temporal_search"]
+    return [t.schema for t in load_tools(cfg).values() if include_search or t.name != "temporal_search"]
 
 
-@lru_cache(maxsize=32)
-def _schemas_for(max_frames: int, top_k: int) -> list[dict]:
-    """Cached per cap pair: validate_call runs per tool call and must not deep-copy each time."""
-    schemas = copy.deepcopy(TOOL_SCHEMAS)
-    for s in schemas:
-        props = s["function"]["parameters"]["properties"]
-        if s["function"]["name"] == "temporal_zoom":
-            props["num_frames"]["maximum"] = int(max_frames)
-        if s["function"]["name"] == "temporal_search":
-            props["top_k"]["maximum"] = int(top_k)
-    return schemas
-
-
-def _params_by_name(cfg: EnvConfig) -> dict[str, dict]:
-    return {s["function"]["name"]: s["function"]["parameters"]
-            for s in _schemas_for(cfg.max_frames_per_call, cfg.search_top_k)}
-
-
-# ---------------------------------------------------------------- validation
-
-
-def validate_call(call: ToolCall, *, cfg: EnvConfig, duration: float,
-                  has_captions: bool) -> tuple[Optional[dict], Optional[str]]:
-    """(normalised arguments, None) if the call can run, else (None, an exact error message)."""
-    try:
-        return _validate(call, cfg, float(duration), bool(has_captions))
-    except Exception as exc:  # never let odd input escape as an exception
-        return None, f"invalid tool call ({type(exc).__name__}: {str(exc)[:100]})."
-
-
-def _validate(call: ToolCall, cfg: EnvConfig, duration: float, has_captions: bool):
-    params = _params_by_name(cfg)
+def validate_call(call: ToolCall, tools: dict[str, Tool], duration: float) -> tuple[Optional[dict], Optional[str]]:
+    """(normalised arguments, None) if `call` names one of `tools` and may run, else (None, the error)."""
     name = call.name
-    if not isinstance(name, str) or name not in params:
-        return None, (f"unknown tool {ascii(str(name)[:40])}; the tools are: {', '.join(TOOL_NAMES)}.")
-    if name == "temporal_search" and not has_captions:
-        return None, ("temporal_search: this video has no captions or subtitles to search; "
-                      "use temporal_zoom or get_frame instead.")
-    err = check_schema(call.arguments, params[name], "arguments")
-    if err is not None:
-        if err.startswith("bbox") and _looks_like_pixels(call.arguments.get("bbox")):
-            err += " (bbox values are fractions of the frame width and height, not pixels)"
-        return None, f"{name}: {err}."
-    args = _normalise(call.arguments, params[name])
-    err = _SEMANTIC[name](args, duration)
-    if err is not None:
-        return None, f"{name}: {err}."
-    return args, None
+    if not isinstance(name, str) or name not in tools:
+        return None, f"unknown tool {ascii(str(name)[:40])}; the tools are: {', '.join(tools)}."
+    return tools[name].validate(call.arguments, duration)
 
 
-def _looks_like_pixels(bbox: Any) -> bool:
+# ---------------------------------------------------------------- the built-ins' runs
+
+
+def _run_temporal_zoom(video: Any, args: dict, size: tuple[int, int]) -> ToolOutput:
+    start, end, n = args["start"], args["end"], args["num_frames"]
+    frames, _ = video.get_frames([start + (end - start) * (i + 0.5) / n for i in range(n)], size)
+    return ToolOutput(f"{len(frames)} frame(s) from {start:.1f}s to {end:.1f}s:", frames, (start, end))
+
+
+def _run_get_frame(video: Any, args: dict, size: tuple[int, int]) -> ToolOutput:
+    frames, _ = video.get_frames([args["time"]], size)
+    return ToolOutput("1 frame:", frames, point_window(args["time"]))
+
+
+def _run_spatial_zoom(video: Any, args: dict, box: tuple[int, int]) -> ToolOutput:
+    x1, y1, x2, y2 = args["bbox"]
+    cw, ch = max(1, round((x2 - x1) * video.width)), max(1, round((y2 - y1) * video.height))
+    scale = min(box[0] / cw, box[1] / ch)  # fit the crop in the box, upscaling small crops
+    frames, _ = video.get_frames([args["time"]], (max(1, round(cw * scale)), max(1, round(ch * scale))),
+                                 crop=(x1, y1, x2, y2))
+    return ToolOutput(f"crop [{x1:.2f}, {y1:.2f}, {x2:.2f}, {y2:.2f}]:", frames, point_window(args["time"]))
+
+
+def _run_temporal_search(video: Any, args: dict) -> ToolOutput:
+    if not video.captions:
+        raise ToolError("temporal_search: this video has no captions or subtitles to search; "
+                        "use temporal_zoom or get_frame instead.")
+    hits = video.search(args["query"], args["top_k"])
+    if not hits:
+        return ToolOutput("no matching moment found.")
+    rows = [f"{i + 1}. {c.start:.1f}s-{c.end:.1f}s (score {s:.2f}): {c.text}" for i, (c, s) in enumerate(hits)]
+    return ToolOutput("best matches:\n" + "\n".join(rows))
+
+
+def looks_like_pixels(bbox: Any) -> bool:
     return isinstance(bbox, list) and any(isinstance(v, (int, float)) and not isinstance(v, bool)
                                           and 1 < v < math.inf for v in bbox)
 
@@ -244,14 +244,14 @@ def _is_type(value: Any, kind: str) -> bool:
     return False
 
 
-def _normalise(value: Any, schema: dict) -> Any:
+def normalise(value: Any, schema: dict) -> Any:
     """Copy `value` (already schema-valid) into plain Python types: float, int, stripped strings."""
     kind = schema.get("type")
     if kind == "object":
         props = schema.get("properties", {})
-        return {k: _normalise(v, props.get(k, {})) for k, v in value.items()}
+        return {k: normalise(v, props.get(k, {})) for k, v in value.items()}
     if kind == "array":
-        return [_normalise(v, schema.get("items", {})) for v in value]
+        return [normalise(v, schema.get("items", {})) for v in value]
     if kind == "integer":
         return int(value)
     if kind == "number":
@@ -305,14 +305,6 @@ def _semantic_temporal_search(args: dict, duration: float) -> Optional[str]:
 
 def _semantic_get_frame(args: dict, duration: float) -> Optional[str]:
     return _clamp_time(args, "time", duration)
-
-
-_SEMANTIC = {
-    "temporal_zoom": _semantic_temporal_zoom,
-    "spatial_zoom": _semantic_spatial_zoom,
-    "temporal_search": _semantic_temporal_search,
-    "get_frame": _semantic_get_frame,
-}
 
 
 # ---------------------------------------------------------------- words

@@ -72,3 +72,44 @@ class ParsedAction:
     calls: list[ToolCall] = field(default_factory=list)
     answer: Optional[str] = None
     errors: list[str] = field(default_factory=list)
+
+
+@dataclass
+class ToolCallRecord:
+    """One tool call of an episode as the env handled it: what a reward function and the viewer read."""
+
+    turn: int
+    name: str
+    arguments: Any  # normalised when the call was valid, else as the model wrote them
+    ok: bool  # it ran and returned
+    output: Any = None  # the tool's env.ToolOutput when ok
+    error: str = ""  # why it was refused, when not ok
+    label: str = ""  # how the viewer names it
+
+    @property
+    def window(self) -> Optional[tuple[float, float]]:
+        return None if self.output is None else self.output.window
+
+    def to_dict(self) -> dict[str, Any]:
+        """Plain types, for a trajectory's metadata (and so for `weft view`)."""
+        return {"turn": self.turn, "name": self.name, "arguments": self.arguments, "ok": self.ok,
+                "error": self.error, "label": self.label,
+                "window": None if self.window is None else [float(self.window[0]), float(self.window[1])]}
+
+
+@dataclass
+class Episode:
+    """A finished episode as a reward function sees it (`fn(episode, task) -> dict[str, float]`)."""
+
+    answer: Optional[str]  # the parsed answer, or None if the episode ended without one
+    tool_calls: list[ToolCallRecord]
+    turns: int
+    format_errors: int  # malformed turns (bad JSON, unknown tool, refused arguments, over budget)
+    status: str  # COMPLETED | TRUNCATED | ...
+    frames_returned: int  # frames the tools returned (the overview excluded)
+    duration: float = 0.0
+
+    @property
+    def windows(self) -> list[tuple[float, float]]:
+        """The (start, end) seconds every successful call looked at."""
+        return [c.window for c in self.tool_calls if c.ok and c.window is not None]

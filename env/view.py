@@ -228,24 +228,37 @@ class Zoom:
     error: str = ""  # why the env would refuse it (then it is drawn as an outline)
 
 
-def zoom_windows(turn_texts: Sequence[str], duration: float, cfg: Any = None, has_captions: bool = False) -> list[Zoom]:
-    """The windows of every temporal_zoom / spatial_zoom / get_frame call, validated as the env would."""
+def zoom_windows(traj: Trajectory, duration: float, cfg: Any = None) -> list[Zoom]:
+    """The windows of every call that looked at a stretch of the video. A trajectory recorded since tools
+    report their windows carries its calls (metadata["tool_calls"], what the env decided, labels and
+    refusals included); an older one is parsed from its turn texts with the built-ins' rules."""
+    recorded = traj.metadata.get("tool_calls")
+    if isinstance(recorded, list):
+        out = []
+        for c in recorded:
+            w = c.get("window") if isinstance(c, dict) else None
+            if w is not None and len(w) == 2:
+                out.append(Zoom(int(c.get("turn", 0)), str(c.get("label") or c.get("name", "")), float(w[0]),
+                                float(w[1]), "" if c.get("ok") else str(c.get("error", ""))))
+        return out
     from configs.schema import EnvConfig
-    from env.tools import validate_call
+    from env.tools import builtin_tools, validate_call
 
     env_cfg = cfg.env if cfg is not None else EnvConfig()
+    tools = builtin_tools(env_cfg)
     out = []
-    for turn, text in enumerate(turn_texts, 1):
+    for turn, text in enumerate(traj.metadata.get("turn_texts") or [], 1):
         for call in parse_action(str(text), max_calls=env_cfg.max_calls_per_turn).calls:
             window = _window(call.name, call.arguments, duration)
             if window is None:
                 continue
-            _, err = validate_call(call, cfg=env_cfg, duration=duration, has_captions=has_captions)
+            _, err = validate_call(call, tools, duration)
             out.append(Zoom(turn, call.name, window[0], window[1], err or ""))
     return out
 
 
 def _window(name: str, args: dict, duration: float) -> Optional[tuple[float, float]]:
+    """A built-in call's window, for trajectories recorded before tools reported theirs."""
     def num(k: str) -> Optional[float]:
         v = args.get(k)
         return float(v) if isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v) else None
@@ -416,7 +429,7 @@ def trajectory_section(i: int, traj: Trajectory, view: View, decoder: Any = None
     task = view.tasks.get(traj.task_id)
     texts = [str(t) for t in traj.metadata.get("turn_texts") or []]
     duration, dur_err = video_duration(traj, task)
-    zooms = zoom_windows(texts, duration, view.cfg, bool(task and task.captions))
+    zooms = zoom_windows(traj, duration, view.cfg)
     n_over = overview_count(traj, task, view.cfg)
     if dur_err:
         view.problem("video_unreadable", dur_err)

@@ -279,8 +279,10 @@ def pack(lengths: Sequence[int], budget: int) -> list[list[int]]:
 
 
 def collate(samples: Sequence[Sample], *, pad_id: int, image_token_id: Optional[int] = None,
-            video_token_id: Optional[int] = None, device: Any = "cpu", dtype: torch.dtype = torch.float32) -> MicroBatch:
-    """Right-pad samples into one micro-batch on `device`; pixel values in `dtype`."""
+            video_token_id: Optional[int] = None, device: Any = "cpu", dtype: torch.dtype = torch.float32,
+            token_types: Optional[Any] = None) -> MicroBatch:
+    """Right-pad samples into one micro-batch on `device`; pixel values in `dtype`. `token_types(ids)` is
+    the model family's mm_token_type_ids (models.hf.token_types_fn); by default image 1, video 2."""
     if not samples:
         raise ValueError("collate needs at least one sample")
     if pad_id in (image_token_id, video_token_id):
@@ -300,8 +302,11 @@ def collate(samples: Sequence[Sample], *, pad_id: int, image_token_id: Optional[
     with_images = [s for s in samples if s.pixel_values is not None]
     if with_images:
         # transformers 5 builds the 3-D (M-RoPE) positions only when told which tokens are image tokens.
-        types = (ids == image_token_id).int() + 2 * (ids == video_token_id).int() if video_token_id is not None \
-            else (ids == image_token_id).int()
+        if token_types is not None:
+            types = token_types(ids)
+        else:
+            types = (ids == image_token_id).int() + 2 * (ids == video_token_id).int() if video_token_id is not None \
+                else (ids == image_token_id).int()
         inputs.update(pixel_values=torch.cat([s.pixel_values for s in with_images]).to(device, dtype),
                       image_grid_thw=torch.cat([s.image_grid_thw for s in with_images]).to(device),
                       mm_token_type_ids=types.to(device))

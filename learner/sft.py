@@ -1,15 +1,10 @@
 """Cold-start SFT: teach the action format from scripted-policy episodes (as VideoZoomer and VideoThinker do).
 
 Owns
-* `scripted_trajectory` / `scripted_trajectories`: run a scripted policy from
-  env/testing (OraclePolicy with `env.demo.demo_perception()` by default) in the
-  real env and render each episode through the chat template token-in/token-out
-  exactly as the agent loop does (`models.chat.ChatRenderer`, images expanded to
-  their token runs): the first prompt and each observation are rendered, the
-  policy's turns are tokenised as the engine would have emitted them (ending in
-  `<|im_end|>`, or at `</answer>` where the engine stops). The result is an
-  ordinary `Trajectory` (loss mask on the policy's turns), so SFT and RL share
-  one data path (learner/batch.py);
+* `to_samples`: trajectories -> samples. The trajectories are ordinary ones: scripted-policy
+  episodes played by the one agent loop (`actors.scripted_engine.scripted_trajectories`,
+  which `weft sft` calls: the learner does not import actors), or a recorded trajectory file,
+  so SFT and RL share one data path (learner/batch.py);
 * `sft_step` / `run_sft`: the supervised loss, -mean log p of the model-turn
   tokens (the same chunked, banned-id-aware logprobs as the RL loss);
 * `valid_action_rate`: how often the model's own continuation of a held-out
@@ -24,7 +19,6 @@ import json
 import logging
 import math
 import time
-import uuid
 from pathlib import Path
 from typing import Any, Callable, Optional, Sequence
 
@@ -42,86 +36,7 @@ from protos.records import Status, Trajectory
 log = logging.getLogger(__name__)
 
 
-# ------------------------------------------------------------------ scripted episodes -> trajectories
-
-
-def scripted_trajectory(env: Any, task: Any, policy: Any, renderer: Any, processor: Any, *, traj_id: str = "",
-                        group_id: str = "", version: int = 0, inline_pixels: bool = True) -> Trajectory:
-    """One episode of a scripted policy as the engine and agent loop would have recorded it.
-
-    behavior_logprobs are 0 (no engine sampled these tokens) and policy_version is
-    `version` on the policy's tokens. With inline_pixels the images ride along in
-    `pixels` (no re-decode at training time); without, only their FrameRefs do.
-    """
-    from models.hf import expand_image_placeholders
-
-    tok = processor.tokenizer
-    traj_id = traj_id or uuid.uuid4().hex
-    obs, info = env.reset(task)
-    if info.get("status") == "FAILED":
-        return Trajectory.failed(info.get("error", "reset failed"), task_id=task.id, group_id=group_id, traj_id=traj_id)
-    policy.begin(task, obs, info)
-    ids = expand_image_placeholders(renderer.prompt_ids(obs), [f.image for f in obs.frames], processor)
-    mask, frames, texts = [0] * len(ids), list(obs.frames), []
-    reward, terms, status = 0.0, {}, Status.TRUNCATED
-    while True:
-        action = policy.act(obs, info)
-        texts.append(action)
-        turn = list(tok.encode(action, add_special_tokens=False))
-        closed = not action.rstrip().endswith("</answer>")  # the engine stops at </answer>, else at <|im_end|>
-        if closed:
-            turn.append(renderer.eot_id)
-        ids += turn
-        mask += [1] * len(turn)
-        obs, reward, terminated, truncated, info = env.step(action)
-        terms = info.get("reward_terms", terms)
-        if info.get("status") == "FAILED":
-            return Trajectory.failed(info.get("error", "step failed"), task_id=task.id, group_id=group_id,
-                                     traj_id=traj_id)
-        if terminated or truncated:
-            status = Status.COMPLETED if terminated else Status.TRUNCATED
-            break
-        obs_ids = expand_image_placeholders(renderer.observation_ids(obs, closed), [f.image for f in obs.frames],
-                                            processor)
-        ids += obs_ids
-        mask += [0] * len(obs_ids)
-        frames += obs.frames
-    m = np.asarray(mask, dtype=np.uint8)
-    return Trajectory(np.asarray(ids), m, np.zeros(len(ids), np.float32), np.where(m == 1, version, -1),
-                      media=[f.ref for f in frames], reward=float(reward), reward_terms=dict(terms), status=status,
-                      group_id=group_id, task_id=task.id, traj_id=traj_id,
-                      metrics={"turns": float(len(texts))}, metadata={"turn_texts": texts},
-                      pixels=[f.image for f in frames] if inline_pixels else None)
-
-
-def scripted_trajectories(tasks: Sequence[Any], processor: Any, cfg: WeftConfig, episodes: int, *,
-                          make_policy: Optional[Callable[[int], Any]] = None, inline_pixels: bool = True,
-                          seed: int = 0) -> list[Trajectory]:
-    """`episodes` scripted episodes cycling over `tasks` (default policy: the oracle with demo perception)."""
-    from env.env import VideoToolEnv
-    from models.chat import ChatRenderer
-
-    if not tasks:
-        raise ValueError("scripted_trajectories needs at least one task")
-    if make_policy is None:
-        from env.demo import demo_perception
-        from env.testing import OraclePolicy
-
-        locate, read = demo_perception()
-
-        def make_policy(i: int) -> Any:
-            return OraclePolicy(locate, read, zoom_frames=cfg.trainer.sft_zoom_frames, seed=seed + i)
-
-    env = VideoToolEnv(cfg.env, cfg.reward)
-    renderer = ChatRenderer(processor.tokenizer, env.tools, **_system_prompt(cfg))
-    return [scripted_trajectory(env, tasks[i % len(tasks)], make_policy(i), renderer, processor,
-                                traj_id=f"sft-{seed}-{i}", group_id=f"sft-{seed}-{i}", inline_pixels=inline_pixels)
-            for i in range(episodes)]
-
-
-def _system_prompt(cfg: WeftConfig) -> dict[str, str]:
-    prompt = getattr(getattr(cfg, "rollout", None), "system_prompt", None)
-    return {"system_prompt": prompt} if prompt else {}
+# ------------------------------------------------------------------ trajectories -> samples
 
 
 def to_samples(trajs: Sequence[Trajectory], processor: Any, image_token_id: Optional[int],
@@ -156,7 +71,7 @@ class SftModel:
     """The model, processor and optimizer of an SFT run (a small subset of what Trainer holds)."""
 
     def __init__(self, cfg: WeftConfig, model_dir: str | Path) -> None:
-        from models.hf import banned_token_ids, load_hf_model, load_processor
+        from models.hf import banned_token_ids, load_hf_model, load_processor, token_types_fn
 
         self.cfg, self.tc = cfg, cfg.trainer
         self.device = resolve_device(self.tc.device)
@@ -165,6 +80,7 @@ class SftModel:
         self.processor = load_processor(model_dir)
         self.tokenizer = self.processor.tokenizer
         self.image_token_id, self.video_token_id = token_ids_of(self.model)
+        self.token_types = token_types_fn(self.model.config) if self.image_token_id is not None else None
         self.banned = torch.tensor(banned_token_ids(self.model.config, len(self.tokenizer)), dtype=torch.long,
                                    device=self.device)
         self.pad_id = pad_id_of(self.tokenizer, (self.image_token_id, self.video_token_id))
@@ -173,7 +89,7 @@ class SftModel:
 
     def micro_batches(self, samples: Sequence[Sample]) -> list[MicroBatch]:
         return [collate([samples[i] for i in idx], pad_id=self.pad_id, image_token_id=self.image_token_id,
-                        video_token_id=self.video_token_id, device=self.device)
+                        video_token_id=self.video_token_id, device=self.device, token_types=self.token_types)
                 for idx in pack([s.num_tokens for s in samples], self.tc.micro_batch_tokens)]
 
     def step(self, samples: Sequence[Sample]) -> dict[str, float]:
@@ -336,18 +252,23 @@ def _images_of(t: Trajectory) -> list[np.ndarray]:
 # ------------------------------------------------------------------ `weft sft`
 
 
-def load_sft_data(data: str | Path, processor: Any, cfg: WeftConfig) -> tuple[list[Trajectory], list[Trajectory]]:
-    """(train, held-out) trajectories: scripted episodes of a task file, or a trajectory file split 7:1."""
+def load_sft_data(data: str | Path, processor: Any, cfg: WeftConfig,
+                  scripted: Optional[Callable[..., list[Trajectory]]] = None) -> tuple[list[Trajectory], list[Trajectory]]:
+    """(train, held-out) trajectories: scripted episodes of a task file (`scripted(tasks, processor, cfg,
+    episodes, seed=...)` plays them), or a trajectory file split 7:1."""
     path = Path(data)
     task_file = path / "tasks.jsonl" if path.is_dir() else path
     if task_file.suffix == ".jsonl":
         from env.tasks import load_tasks
 
+        if scripted is None:
+            raise ValueError("SFT from a task file needs something to play the episodes (`weft sft` passes "
+                             "actors.scripted_engine.scripted_trajectories)")
         tasks = load_tasks(task_file)
         n_eval = max(1, len(tasks) // 8) if cfg.trainer.sft_eval_turns and len(tasks) > 1 else 0
         train_tasks, eval_tasks = tasks[n_eval:], tasks[:n_eval]
-        train = scripted_trajectories(train_tasks, processor, cfg, cfg.trainer.sft_episodes, seed=cfg.seed)
-        held = scripted_trajectories(eval_tasks, processor, cfg, len(eval_tasks), seed=cfg.seed + 10**6) if eval_tasks else []
+        train = scripted(train_tasks, processor, cfg, cfg.trainer.sft_episodes, seed=cfg.seed)
+        held = scripted(eval_tasks, processor, cfg, len(eval_tasks), seed=cfg.seed + 10**6) if eval_tasks else []
         return train, held
     from protos.codec import read_trajectories
 
@@ -356,7 +277,7 @@ def load_sft_data(data: str | Path, processor: Any, cfg: WeftConfig) -> tuple[li
     return trajs[n_eval:], trajs[:n_eval]
 
 
-def main_sft(args: argparse.Namespace) -> int:
+def main_sft(args: argparse.Namespace, scripted: Optional[Callable[..., list[Trajectory]]] = None) -> int:
     """`weft sft`: supervised cold start on scripted (or recorded) trajectories; prints a JSON summary last."""
     from configs import load_config
 
@@ -367,7 +288,7 @@ def main_sft(args: argparse.Namespace) -> int:
         raise SystemExit("--steps must be >= 1")
     torch.manual_seed(cfg.seed)
     sm = SftModel(cfg, args.model)
-    train, held = load_sft_data(args.data, sm.processor, cfg)
+    train, held = load_sft_data(args.data, sm.processor, cfg, scripted)
     samples = to_samples(train, sm.processor, sm.image_token_id)
     held = [t for t in held if t.status not in (Status.FAILED, Status.ABORTED)]
     banned = sm.banned.tolist()

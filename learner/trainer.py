@@ -161,7 +161,7 @@ class Trainer:
 
     def __init__(self, cfg: WeftConfig, model_dir: Optional[str | Path] = None, *, server: Any = None,
                  log_metrics: bool = True, comm: Optional[Comm] = None) -> None:
-        from models.hf import banned_token_ids, load_processor
+        from models.hf import banned_token_ids, load_processor, token_types_fn
 
         self.cfg, self.tc = cfg, cfg.trainer
         check_trainer_config(cfg)
@@ -182,6 +182,7 @@ class Trainer:
         self.processor = load_processor(self.resumed_from / "model" if self.resumed_from else source)
         self.tokenizer = getattr(self.processor, "tokenizer", self.processor)
         self.image_token_id, self.video_token_id = token_ids_of(self.model)
+        self.token_types = token_types_fn(self.model.config) if self.image_token_id is not None else None
         self.banned_list = banned_token_ids(self.model.config, len(self.tokenizer))
         self.banned = torch.tensor(self.banned_list, dtype=torch.long, device=self.device)
         self.pad_id = pad_id_of(self.tokenizer, (self.image_token_id, self.video_token_id))
@@ -285,7 +286,7 @@ class Trainer:
 
     def micro_batches(self, samples: Sequence[Sample]) -> list[MicroBatch]:
         return [collate([samples[i] for i in idx], pad_id=self.pad_id, image_token_id=self.image_token_id,
-                        video_token_id=self.video_token_id, device=self.device)
+                        video_token_id=self.video_token_id, device=self.device, token_types=self.token_types)
                 for idx in pack([s.num_tokens for s in samples], self.tc.micro_batch_tokens)]
 
     def _forward(self, mb: Optional[MicroBatch], head: Callable[[Tensor, Tensor], Any]) -> tuple[Any, Optional[Tensor]]:

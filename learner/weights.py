@@ -16,7 +16,7 @@ calls `receive_weights` yet.
 
 from __future__ import annotations
 
-from typing import Any, Iterable, Iterator, Optional
+from typing import Any, Iterable, Optional
 
 import torch
 from torch import Tensor

@@ -20,7 +20,12 @@ import numpy as np
 
 from models.shim import ensure_torchvision
 
-IMAGE_PAD = "<|image_pad|>"
+IMAGE_PAD = "<|image_pad|>"  # the Qwen-VL families' image placeholder (a processor names its own: `image_pad_of`)
+
+
+def image_pad_of(processor: Any) -> str:
+    """The image placeholder token of a processor's family."""
+    return getattr(processor, "image_token", None) or IMAGE_PAD
 
 
 def image_token_count(image: np.ndarray | tuple[int, int], processor: Any) -> int:
@@ -35,10 +40,10 @@ def image_token_count(image: np.ndarray | tuple[int, int], processor: Any) -> in
 
 def expand_image_placeholders(token_ids: Sequence[int], images: Sequence[np.ndarray], processor: Any) -> list[int]:
     """Replace the i-th single `<|image_pad|>` (as the chat template renders it) by image i's full run."""
-    pad = processor.tokenizer.convert_tokens_to_ids(IMAGE_PAD)
+    pad = processor.tokenizer.convert_tokens_to_ids(image_pad_of(processor))
     runs = pad_runs(token_ids, pad)
     if len(runs) != len(images):
-        raise ValueError(f"{len(runs)} {IMAGE_PAD} placeholders for {len(images)} images")
+        raise ValueError(f"{len(runs)} {image_pad_of(processor)} placeholders for {len(images)} images")
     if any(length != 1 for _, length in runs):
         raise ValueError(f"placeholders are already expanded (run lengths {[n for _, n in runs]})")
     out: list[int] = []
@@ -134,8 +139,6 @@ def empty_hf_model(source: str | Path | Any) -> Any:
         return hf_model_class(config).from_config(config, dtype=torch.float32)
 
 
-# Config attributes naming the vision placeholder tokens in the Qwen2/2.5/3-VL family.
-PLACEHOLDER_CONFIG_KEYS = ("image_token_id", "video_token_id", "vision_start_token_id", "vision_end_token_id")
 
 
 def banned_token_ids(hf_config: Any, tokenizer_len: int) -> list[int]:
@@ -145,9 +148,13 @@ def banned_token_ids(hf_config: Any, tokenizer_len: int) -> list[int]:
     processed logprobs are normalised over the rest; the learner must mask the
     same ids before its log-softmax to compute the same distribution.
     """
+    from models.adapters import PLACEHOLDER_CONFIG_KEYS, adapter_for
+
     text = hf_config.get_text_config() if hasattr(hf_config, "get_text_config") else hf_config
     vocab = int(getattr(text, "vocab_size", None) or hf_config.vocab_size)
-    ids = {int(getattr(hf_config, k)) for k in PLACEHOLDER_CONFIG_KEYS if getattr(hf_config, k, None) is not None}
+    adapter = adapter_for(hf_config)
+    keys = adapter.placeholder_config_keys if adapter is not None else PLACEHOLDER_CONFIG_KEYS
+    ids = {int(getattr(hf_config, k)) for k in keys if getattr(hf_config, k, None) is not None}
     ids.update(range(tokenizer_len, vocab))  # padding rows: no token, never a valid sample
     return sorted(i for i in ids if 0 <= i < vocab)
 
@@ -170,10 +177,20 @@ def hf_inputs(model: Any, processor: Any, token_ids: list[int], images: list[Any
         vision = processor.image_processor(images=list(images), return_tensors="pt")
         # transformers 5 builds the 3-D (M-RoPE) positions only when told which tokens are image
         # tokens; without mm_token_type_ids it silently falls back to 1-D positions.
-        token_types = (ids == model.config.image_token_id).int() + 2 * (ids == model.config.video_token_id).int()
+        token_types = token_types_fn(model.config)(ids)
         inputs.update(pixel_values=vision["pixel_values"].to(model.dtype), image_grid_thw=vision["image_grid_thw"],
                       mm_token_type_ids=token_types)
     return inputs
+
+
+def token_types_fn(config: Any) -> Any:
+    """ids `[B, T]` -> the `mm_token_type_ids` the model's family builds positions from (its adapter's)."""
+    from models.adapters import adapter_for
+
+    adapter = adapter_for(config)
+    if adapter is None:
+        raise ValueError(f"{getattr(config, 'model_type', '?')} has no vision adapter: it takes no images")
+    return lambda ids: adapter.token_types(ids, config)
 
 
 def hf_token_logprobs(model: Any, processor: Any, token_ids: list[int], images: list[Any], start: int,

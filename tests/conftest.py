@@ -96,22 +96,35 @@ def short_demo_dir(tmp_path_factory):
     return out
 
 
+def _demo_sft(base, tmp_path_factory, name: str):
+    import subprocess
+    import sys
+
+    from env.demo import DEMO_COLDSTART, make_demo_data
+
+    root = tmp_path_factory.mktemp(name)
+    make_demo_data(root / "coldstart", **DEMO_COLDSTART)
+    out = root / "model"
+    subprocess.run([sys.executable, "-m", "weft_cli", "sft", "--model", str(base), "--data",
+                    str(root / "coldstart"), "--config", "configs/demo.yaml", "--out", str(out),
+                    "trainer.sft_eval_turns=0", "trainer.tensorboard=false"],
+                   cwd=ROOT, check=True, capture_output=True, timeout=900)
+    return out
+
+
+@pytest.fixture(scope="session")
+def sft_model_qwen3(tmp_path_factory):
+    """A tiny random Qwen3-VL after the demo's cold-start SFT, as `sft_model` is for Qwen2.5-VL."""
+    from models.tiny import make_tiny_model
+
+    base = make_tiny_model(tmp_path_factory.mktemp("tiny_qwen3") / "model", seed=0, family="qwen3_vl")
+    return _demo_sft(base, tmp_path_factory, "sft_qwen3")
+
+
 @pytest.fixture(scope="session")
 def sft_model(tiny_model_dir, tmp_path_factory):
     """The tiny model after the demo's cold-start SFT (`weft sft` with configs/demo.yaml on the demo's
     cold-start set, as scripts/demo.sh makes it): it writes real tool calls and answers, so its
     episodes have observation frames and rewards that differ within a group. Made once per session
     for every test that needs a model that acts (agent loop, replay, train.py)."""
-    import subprocess
-    import sys
-
-    from env.demo import DEMO_COLDSTART, make_demo_data
-
-    root = tmp_path_factory.mktemp("sft")
-    make_demo_data(root / "coldstart", **DEMO_COLDSTART)
-    out = root / "model"
-    subprocess.run([sys.executable, "-m", "weft_cli", "sft", "--model", str(tiny_model_dir), "--data",
-                    str(root / "coldstart"), "--config", "configs/demo.yaml", "--out", str(out),
-                    "trainer.sft_eval_turns=0", "trainer.tensorboard=false"],
-                   cwd=ROOT, check=True, capture_output=True, timeout=900)
-    return out
+    return _demo_sft(tiny_model_dir, tmp_path_factory, "sft")

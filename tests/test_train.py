@@ -231,3 +231,85 @@ def test_killed_learner_rank_the_group_resumes_from_its_checkpoint_and_loses_no_
     assert [r["step"] for r in rows if r["step"] > 2][-3:] == [3, 4, 5]
     assert summary["version"] > 5 and all(r["learner/world_size"] == 2 for r in rows if not r.get("skipped"))
     assert (run_dir / "model" / "config.json").is_file()  # the final HF export
+
+
+PLUGIN = '''
+"""A user's tool and reward, outside weft's packages (written by tests/test_train.py)."""
+from env import Tool, ToolOutput
+from env.rewards import match_answer
+
+
+def _run(video, args):
+    n = args["num_frames"]
+    times = [args["start"] + (args["end"] - args["start"]) * (i + 0.5) / n for i in range(n)]
+    frames, _ = video.get_frames(times, size=(112, 64))
+    return ToolOutput(f"[plugin zoom] {len(frames)} frame(s):", frames, (args["start"], args["end"]))
+
+
+def _check(args, duration):
+    if args["end"] > duration + 1.0:
+        return f"end is past the video ({duration:.1f} s)"
+    args["end"] = min(args["end"], duration)
+    return None if args["start"] < args["end"] else "end must be greater than start"
+
+
+ZOOM = Tool("temporal_zoom", "Frames sampled in [start, end] seconds (a plugin's own zoom).",
+            {"type": "object", "additionalProperties": False, "required": ["start", "end", "num_frames"],
+             "properties": {"start": {"type": "number", "minimum": 0}, "end": {"type": "number", "minimum": 0},
+                            "num_frames": {"type": "integer", "minimum": 1, "maximum": 4}}},
+            run=_run, check=_check, frame_cost=lambda a: a["num_frames"], label=lambda a: "plugin zoom")
+
+
+def reward(episode, task):
+    plugin = sum(c.ok and c.output.text.startswith("[plugin zoom]") for c in episode.tool_calls)
+    return {"right": float(match_answer(episode.answer, task.answer, task.options)), "plugin_zoom": float(plugin),
+            "clean": -0.5 * episode.format_errors}
+'''
+
+
+def test_a_users_tool_and_reward_run_in_check_env_and_in_train_on_ray(demo_sft, tmp_path):
+    """A tool and a reward function in a module of the user's (not weft's), named in the config: `weft
+    check-env` audits and runs them, and `weft train` runs them inside the Ray env actor (the SFT model
+    calls temporal_zoom, which the plugin replaces), with no registration step."""
+    data, model = demo_sft
+    (tmp_path / "plugins").mkdir()
+    (tmp_path / "plugins" / "my_plugin.py").write_text(PLUGIN)
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(tmp_path / "plugins"), os.environ.get("PYTHONPATH", "")])}
+    plug = ["env.tools=[my_plugin:ZOOM,spatial_zoom,temporal_search,get_frame]", "reward.fn=my_plugin:reward",
+            "reward.weights={right: 1.0, plugin_zoom: 0.1, clean: 1.0}"]
+    out = subprocess.run([sys.executable, "-m", "weft_cli", "check-env", "--data", str(data), "--policy", "random",
+                          "--episodes", "8", "--check", "--config", "configs/demo.yaml", *plug],
+                         cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+    assert out.returncode == 0, out.stderr[-3000:]
+    summary = json.loads(out.stdout.strip().splitlines()[-1])
+    assert summary["crashes"] == 0 and summary["check"]["ok"], summary  # the audit covered the plugin's tool too
+    assert set(summary["reward_terms"]) == {"right", "plugin_zoom", "clean"}, summary
+    assert summary["reward_terms"]["plugin_zoom"] > 0  # random calls of temporal_zoom ran the plugin's tool
+    run_dir = tmp_path / "run"
+    log = run_dir.parent / "run.log"
+    ray_tmp = tempfile.mkdtemp(prefix="wtr", dir="/tmp")
+    proc = subprocess.Popen([sys.executable, "train.py", "--config", "configs/demo.yaml", "--model", str(model),
+                             "--run-dir", str(run_dir), f"data.path={data / 'tasks.jsonl'}", "run.display=log",
+                             "trainer.tensorboard=false", "trainer.total_steps=3", "trainer.sample_every=1",
+                             "trainer.checkpoint_every=0", *plug],
+                            cwd=ROOT, stdout=open(log, "wb"), stderr=subprocess.STDOUT,
+                            env={**env, "RAY_TMPDIR": ray_tmp, "RAY_DEDUP_LOGS": "0"})
+    try:
+        finish(proc, log, timeout=900)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    rows = [json.loads(x) for x in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    assert {"reward/right", "reward/plugin_zoom", "reward/clean"} <= set(rows[-1]), rows[-1]
+    assert "reward/accuracy" not in rows[-1]  # the plugin's reward replaced weft's
+    from protos.codec import read_trajectories
+
+    from models.hf import load_processor
+
+    trajs = [t for p in sorted((run_dir / "trajectories").iterdir()) for t in read_trajectories(p)]
+    tok = load_processor(model).tokenizer
+    assert all("a plugin's own zoom" in tok.decode(t.token_ids[:2000].tolist()) for t in trajs)  # its schema, shown
+    zooms = [c for t in trajs for c in t.metadata["tool_calls"] if c["name"] == "temporal_zoom" and c["ok"]]
+    assert zooms, [t.metadata["turn_texts"][:1] for t in trajs[:2]]  # the SFT model zooms: the plugin ran
+    assert all(c["label"] == "plugin zoom" and c["window"] is not None for c in zooms)
+    assert any("[plugin zoom]" in o for t in trajs for o in t.metadata["observation_texts"])

@@ -116,9 +116,9 @@ def test_group_of_episodes_token_in_token_out(loop, engine, hf_model, tasks):
     from actors.agent_loop import Budgets, run_group
     from actors.engine import SamplingConfig
     from configs import EnvConfig
-    from env import VectorVideoEnv
+    from env import LocalEnv
 
-    venv = VectorVideoEnv(EnvConfig(max_turns=3, overview_frames=4))
+    venv = LocalEnv(EnvConfig(max_turns=3, overview_frames=4))
     sampling = SamplingConfig(temperature=1.0, max_tokens=40)
     t0 = time.perf_counter()
     trajs = run(loop, run_group(engine, venv, tasks[0], sampling, group_size=4, budgets=Budgets(max_tokens_per_turn=40)))
@@ -148,7 +148,7 @@ def test_weight_push_mid_rollout(loop, engine, hf_model, tasks, tiny_dir):
     from actors.engine import SamplingConfig
     from models.hf import load_hf_model
     from configs import EnvConfig
-    from env import VectorVideoEnv
+    from env import LocalEnv
 
     new_model = load_hf_model(tiny_dir, "float32")
     g = torch.Generator().manual_seed(int(np.random.default_rng().integers(1 << 30)))
@@ -156,7 +156,7 @@ def test_weight_push_mid_rollout(loop, engine, hf_model, tasks, tiny_dir):
         for name, p in new_model.named_parameters():
             if "layers" in name or "lm_head" in name:
                 p.add_(torch.randn(p.shape, generator=g) * 0.05)
-    venv = VectorVideoEnv(EnvConfig(max_turns=4, overview_frames=4))
+    venv = LocalEnv(EnvConfig(max_turns=4, overview_frames=4))
     sampling = SamplingConfig(temperature=1.0, max_tokens=64)
 
     async def rollout_and_push():
@@ -191,20 +191,21 @@ def test_weight_push_mid_rollout(loop, engine, hf_model, tasks, tiny_dir):
     assert new_tokens > 0
 
 
-@pytest.fixture(scope="module")
-def sft_dir(sft_model):
-    """The tiny model after the demo's cold-start SFT (conftest): it writes real tool calls, so
-    observations with frames go through the agent loop (a random model never does)."""
-    return sft_model
+@pytest.fixture(scope="module", params=["qwen2_5_vl", "qwen3_vl"])
+def sft_dir(request):
+    """A tiny model of each family after the demo's cold-start SFT (conftest): it writes real tool
+    calls, so observations with frames go through the agent loop (a random model never does)."""
+    return request.getfixturevalue("sft_model" if request.param == "qwen2_5_vl" else "sft_model_qwen3")
 
 
 def test_tool_observations_with_frames_token_in_token_out(loop, sft_dir, short_demo_dir):
-    """Episodes of a model that calls tools: observation frames are spliced in as image runs, every
-    run has its FrameRef, and the engine's logprobs still equal transformers' over the whole context."""
+    """Episodes of a model that calls tools, Qwen2.5-VL and Qwen3-VL: observation frames are spliced
+    in as image runs, every run has its FrameRef, and the engine's logprobs still equal transformers'
+    over the whole context."""
     from actors.agent_loop import Budgets, run_group
     from actors.engine import Engine, SamplingConfig
     from configs import load_config
-    from env import VectorVideoEnv, load_tasks
+    from env import LocalEnv, load_tasks
     from models.hf import load_hf_model
 
     tasks = load_tasks(short_demo_dir / "tasks.jsonl")
@@ -215,7 +216,7 @@ def test_tool_observations_with_frames_token_in_token_out(loop, sft_dir, short_d
     try:
         trajs = []
         for task in tasks:
-            trajs += run(loop, run_group(engine, VectorVideoEnv(env_cfg), task, sampling, 4,
+            trajs += run(loop, run_group(engine, LocalEnv(env_cfg), task, sampling, 4,
                                          Budgets(max_tokens_per_turn=96, max_generated_tokens=400)))
     finally:
         run(loop, engine.shutdown())
@@ -231,5 +232,6 @@ def test_tool_observations_with_frames_token_in_token_out(loop, sft_dir, short_d
         d, kl = compare_with_hf(t, engine, model, sampling.temperature)
         diffs.append(d)
     d = np.concatenate(diffs)
-    print(f"engine vs transformers with observation frames: mean |dlogp| {d.mean():.2e}, max {d.max():.2e}")
-    assert d.mean() < 1e-3
+    family = model.config.model_type
+    print(f"{family}: engine vs transformers with observation frames: mean |dlogp| {d.mean():.2e}, max {d.max():.2e}")
+    assert d.mean() <= 1e-4

@@ -13,7 +13,7 @@ import pytest
 
 from actors.engine import Engine, SamplingConfig
 from models.hf import hf_inputs, hf_token_logprobs, load_hf_model
-from models.tiny import CORPUS_TOOLS, make_tiny_model
+from models.tiny import corpus_tools, make_tiny_model
 
 pytestmark = pytest.mark.vllm
 
@@ -63,7 +63,7 @@ def _prompt(engine, rng, sizes=((180, 320), (90, 160))):
     """A chat prompt with tools and len(sizes) random images, placeholders expanded."""
     images = [rng.integers(0, 256, (h, w, 3), dtype=np.uint8) for h, w in sizes]
     content = [{"type": "image"} for _ in images] + [{"type": "text", "text": "What happens after the car stops?"}]
-    text = engine.tokenizer.apply_chat_template([{"role": "user", "content": content}], tools=CORPUS_TOOLS,
+    text = engine.tokenizer.apply_chat_template([{"role": "user", "content": content}], tools=corpus_tools(),
                                                 tokenize=False, add_generation_prompt=True)
     ids = engine.tokenizer.encode(text, add_special_tokens=False)
     return engine.expand_image_placeholders(ids, images), images
@@ -134,7 +134,7 @@ def test_weight_buckets_never_split_a_layer():
                                              for p in ("self_attn.q_proj", "self_attn.k_proj", "mlp.up_proj")]
     names += ["model.visual.blocks.0.attn.qkv.weight", "model.visual.merger.mlp.0.weight", "lm_head.weight"]
     tensors = [(n, torch.zeros(256)) for n in names]  # 1 KiB each
-    buckets = list(_weight_buckets(tensors, bucket_bytes=1500))
+    buckets = list(_weight_buckets(tensors, bucket_bytes=1500, rename=str))
     assert [n for b in buckets for n in b] == names
     assert len(buckets) >= 4
     where = {}
@@ -142,6 +142,25 @@ def test_weight_buckets_never_split_a_layer():
         for n in b:
             where.setdefault(n.split(".")[3] if ".layers." in n else n, set()).add(i)
     assert all(len(v) == 1 for k, v in where.items())  # each decoder layer sits in exactly one bucket
+
+
+def test_weights_go_to_the_engine_under_the_family_adapters_names():
+    """A family whose engine loads weights under other names says so in its adapter (weight_prefixes);
+    the engine's load path renames every tensor through it. The shipped families load HF runtime names
+    as they are (vLLM maps them itself)."""
+    import dataclasses
+
+    import torch
+
+    from actors.engine import _weight_buckets
+    from models.adapters import families
+
+    tensors = [("model.language_model.layers.0.mlp.up_proj.weight", torch.zeros(4)), ("lm_head.weight", torch.zeros(4))]
+    for adapter in families().values():
+        assert [n for b in _weight_buckets(tensors, 1, adapter.engine_weight_name) for n in b] == [n for n, _ in tensors]
+    other = dataclasses.replace(families()["qwen2_5_vl"], weight_prefixes={"model.language_model.": "language_model.model."})
+    names = [n for b in _weight_buckets(tensors, 1, other.engine_weight_name) for n in b]
+    assert names == ["language_model.model.layers.0.mlp.up_proj.weight", "lm_head.weight"]
 
 
 def test_bad_prompts_raise_clear_errors(loop, engine):

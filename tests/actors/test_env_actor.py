@@ -6,7 +6,7 @@ import pytest
 
 ray = pytest.importorskip("ray")
 
-from actors.env_actor import EnvHandle, RemoteEpisodeEnv  # noqa: E402
+from actors.env_actor import RemoteEnv  # noqa: E402
 from configs import EnvConfig  # noqa: E402
 from env.demo import demo_perception  # noqa: E402
 from env.testing import OraclePolicy, check_env, run_episode  # noqa: E402
@@ -22,15 +22,20 @@ def ray_cluster(ray_temp_dir):
 
 @pytest.mark.ray
 def test_env_actor_passes_check_env(ray_cluster, demo_tasks):
+    import asyncio
+
     cfg = EnvConfig()
-    handle = EnvHandle.start(cfg)
-    report = check_env(demo_tasks[:2], make_env=lambda: RemoteEpisodeEnv(handle, cfg), fuzz_actions_count=200)
+    env = RemoteEnv.start(cfg)
+    report = check_env(demo_tasks[:2], env=env, fuzz_actions_count=200)
     assert report["ok"]
     locate, read = demo_perception()
-    open_before = handle.stats()["open_episodes"]  # check_env abandons unfinished episodes on purpose
-    recs = [run_episode(RemoteEpisodeEnv(handle, cfg), t, OraclePolicy(locate, read)) for t in demo_tasks]
+
+    async def oracle():
+        return [await run_episode(env, t, OraclePolicy(locate, read), f"o{i}") for i, t in enumerate(demo_tasks)]
+
+    recs = asyncio.run(oracle())
     assert sum(r.correct for r in recs) >= 0.95 * len(recs)
-    assert handle.stats()["open_episodes"] == open_before  # finished episodes are closed in the actor
+    assert asyncio.run(env.stats())["open_episodes"] == 0  # every episode is closed in the actor
 
 
 @pytest.mark.ray
@@ -40,14 +45,14 @@ def test_episode_on_a_restarted_env_actor_is_lost_not_failed(ray_cluster, demo_t
     runs again, instead of training on a FAILED episode that was not the policy's fault."""
     import asyncio
 
-    from actors.agent_loop import EpisodeLost, episode_env
     from actors.env_actor import EnvActor
     from actors.rollout_worker import ENV_LOST
+    from env.errors import EpisodeLost
 
-    handle = EnvHandle(EnvActor.options(max_restarts=1, max_task_retries=0).remote(EnvConfig()))
+    handle = RemoteEnv(EnvActor.options(max_restarts=1, max_task_retries=0).remote(EnvConfig()))
 
     async def episode() -> None:
-        slot = episode_env(handle, "g:0")
+        slot = handle.episode("g:0")
         obs, info = await slot.reset(demo_tasks[0])
         assert obs.frames and info.get("status") != "FAILED"
         before = await handle.actor.ping.remote()

@@ -39,7 +39,7 @@ def _valid(group, G, engine_vocab=None):
 def test_ray_rollout_worker_with_env_actor(tiny_dir, data_dir, tmp_path, ray_temp_dir):
     import ray
 
-    from actors.env_actor import EnvHandle
+    from actors.env_actor import RemoteEnv
     from actors.rollout_worker import remote_worker_class
     from configs import EnvConfig, RolloutConfig
     from env import load_tasks
@@ -48,7 +48,7 @@ def test_ray_rollout_worker_with_env_actor(tiny_dir, data_dir, tmp_path, ray_tem
     broken = type(tasks[0])(**{**tasks[0].__dict__, "id": "broken", "video": str(tmp_path / "missing.mp4")})
     ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False, _temp_dir=ray_temp_dir)
     try:
-        env = EnvHandle.start(EnvConfig(max_turns=2, overview_frames=4))
+        env = RemoteEnv.start(EnvConfig(max_turns=2, overview_frames=4))
         cfg = RolloutConfig(group_size=3, concurrent_groups=2, max_tokens_per_turn=24, max_model_len=4096,
                             max_context_tokens=4096)
         worker = remote_worker_class(num_cpus=0.5).remote(str(tiny_dir), tasks + [broken], cfg, env=env)

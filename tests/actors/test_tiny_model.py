@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 from models.hf import banned_token_ids_of, expand_image_placeholders, image_token_count, load_hf_model, load_processor
-from models.tiny import ACTION_TOKENS, CORPUS_TOOLS, SPECIAL_TOKENS, make_tiny_model
+from models.tiny import ACTION_TOKENS, SPECIAL_TOKENS, corpus_tools, make_tiny_model
 
 
 @pytest.fixture(scope="module")
@@ -67,12 +67,12 @@ def test_chat_template_shows_tools_and_tool_responses(processor):
         {"role": "tool", "content": [{"type": "text", "text": "Frame at 3.5s:"}, {"type": "image"}]},
         {"role": "tool", "content": "error: time 99.0 is past the end of the video (60.0 s)"},
     ]
-    text = processor.tokenizer.apply_chat_template(messages, tools=CORPUS_TOOLS, tokenize=False,
+    text = processor.tokenizer.apply_chat_template(messages, tools=corpus_tools(), tokenize=False,
                                                    add_generation_prompt=True)
     system = text.split("<|im_end|>")[0]
     assert system.startswith("<|im_start|>system\nYou answer questions about videos.")
     tools_block = system.split("\n<tools>")[1].split("\n</tools>")[0]
-    assert [json.loads(line) for line in tools_block.strip().splitlines()] == CORPUS_TOOLS
+    assert [json.loads(line) for line in tools_block.strip().splitlines()] == corpus_tools()
     # Both tool results sit in one user turn, each in its own <tool_response>, the image inside.
     tool_turn = text.split("<|im_start|>user\n<tool_response>")[1].split("<|im_end|>")[0]
     assert "Frame at 3.5s:<|vision_start|><|image_pad|><|vision_end|>" in tool_turn

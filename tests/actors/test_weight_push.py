@@ -10,7 +10,6 @@ back to the learner through `GrpcSink` and lands in its buffer.
 from __future__ import annotations
 
 import asyncio
-import threading
 
 import numpy as np
 import pytest
@@ -26,7 +25,7 @@ def test_grpc_weight_push_reaches_engine_mid_episode(tiny_model_dir, short_demo_
     from actors.learner_client import LearnerClient
     from actors.rollout_worker import GrpcSink, follow_weights
     from configs import EnvConfig, LearnerConfig
-    from env import VectorVideoEnv, load_tasks
+    from env import LocalEnv, load_tasks
     from env.video import get_decoder
     from learner.server import LearnerServer
     from learner.weights import named_weights
@@ -43,7 +42,7 @@ def test_grpc_weight_push_reaches_engine_mid_episode(tiny_model_dir, short_demo_
 
     server = LearnerServer(LearnerConfig(port=0, group_size=3, max_staleness=4)).start()
     client = LearnerClient(server.address)
-    venv = VectorVideoEnv(EnvConfig(max_turns=4, overview_frames=4))
+    venv = LocalEnv(EnvConfig(max_turns=4, overview_frames=4))
 
     async def main():
         engine = await Engine.create(tiny_model_dir, dtype="float32", max_model_len=4096, seed=0)

@@ -2,13 +2,10 @@
 
 from __future__ import annotations
 
-import json
-import shutil
 
 import numpy as np
 import pytest
 
-from configs import EnvConfig
 from env import IMAGE_MARKER, VideoReader, VideoToolEnv, get_decoder
 from env.env import COUNTERS
 from env.testing import call
@@ -81,7 +78,7 @@ def test_malformed_actions_explain_and_cost_format(demo_tasks, action, expect):
     assert "error" in obs.text and expect.lower() in obs.text.lower(), obs.text
     assert info["format_errors"] >= 1 and not term
     obs, r, term, trunc, info = env.step("<answer>A</answer>")
-    assert term and info["reward_terms"]["format"] < env.reward_cfg.format  # penalised
+    assert term and info["reward_terms"]["format"] < env.reward_cfg.weights["format"]  # penalised
 
 
 def test_budgets_refuse_and_truncate(demo_tasks):

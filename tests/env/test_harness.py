@@ -82,5 +82,11 @@ class _NoBudgetEnv(VideoToolEnv):
 
 @pytest.mark.parametrize("broken,expect", [(_LyingEnv, "image markers"), (_NoBudgetEnv, "budgets")])
 def test_check_env_catches_broken_envs(demo_tasks, broken, expect):
+    from env import LocalEnv
+
+    class Host(LocalEnv):  # hosts the broken episodes behind the episode interface
+        def make(self):
+            return broken(self.cfg, self.reward_cfg, decoder=self.decoder)
+
     with pytest.raises(EnvCheckError, match=expect):
-        check_env(demo_tasks[:2], make_env=lambda: broken(), fuzz_actions_count=50)
+        check_env(demo_tasks[:2], env=Host(), fuzz_actions_count=50)

@@ -1,13 +1,14 @@
 """Rewards: answer matching, the evidence score's interval arithmetic, and the named terms."""
 
-import dataclasses
 import random
 
 import pytest
 
 from configs.schema import RewardConfig
-from env.rewards import (EpisodeSummary, compute_reward, evidence_score, is_correct, match_answer,
-                         normalize_text, point_window, union_intervals)
+from env.rewards import (compute_reward, evidence_score, is_correct, match_answer, normalize_text, point_window,
+                         union_intervals, weigh)
+from env.tool import ToolOutput
+from env.types import Episode, Task, ToolCallRecord
 
 OPTS = ["red car", "blue car", "a green bus", "12"]
 
@@ -145,19 +146,29 @@ def test_evidence_score_matches_a_unit_grid():
 # ---------------------------------------------------------------- compute_reward
 
 
-def summary(**kw):
-    base = dict(answer="B", task_answer="B", options=OPTS, evidence=[(10.0, 20.0)], format_errors=0,
-                tool_calls_ok=2, zoom_windows=[(10.0, 20.0)], frames_returned=10, turns=3, status="COMPLETED")
-    base.update(kw)
-    return EpisodeSummary(**base)
+def summary(answer="B", task_answer="B", options=OPTS, evidence=((10.0, 20.0),), format_errors=0, tool_calls_ok=2,
+            zoom_windows=((10.0, 20.0),), frames_returned=10, turns=3, status="COMPLETED"):
+    """(episode, task): `tool_calls_ok` successful calls, the first of them looking at `zoom_windows`."""
+    windows = list(zoom_windows)[:tool_calls_ok]
+    calls = [ToolCallRecord(1, "temporal_zoom", {}, True, ToolOutput("", window=w)) for w in windows]
+    calls += [ToolCallRecord(1, "temporal_search", {}, True, ToolOutput("")) for _ in range(tool_calls_ok - len(calls))]
+    calls.append(ToolCallRecord(1, "get_frame", {"time": -1}, False, error="refused"))  # refused calls pay nothing
+    episode = Episode(answer=answer, tool_calls=calls, turns=turns, format_errors=format_errors, status=status,
+                      frames_returned=frames_returned)
+    return episode, Task(id="t", video="v.mp4", question="q", answer=task_answer, options=options,
+                         evidence=list(evidence))
 
 
-CFG = RewardConfig(accuracy=1.0, format=0.2, format_penalty=0.5, tool=0.1, evidence=0.3,
-                   cost_per_frame=0.01, cost_per_turn=0.05)
+CFG = RewardConfig(weights={"accuracy": 1.0, "format": 0.2, "tool": 0.1, "evidence": 0.3, "cost": 1.0},
+                   kwargs={"format_penalty": 0.5, "cost_per_frame": 0.01, "cost_per_turn": 0.05})
+
+
+def reward(pair, cfg=CFG):
+    return compute_reward(*pair, cfg)
 
 
 def test_perfect_episode_terms():
-    total, terms = compute_reward(summary(), CFG)
+    total, terms = reward(summary(), CFG)
     assert set(terms) == {"accuracy", "format", "tool", "evidence", "cost"}
     assert terms["accuracy"] == 1.0 and terms["format"] == 0.2 and terms["tool"] == 0.1
     assert terms["evidence"] == pytest.approx(0.3)
@@ -167,55 +178,78 @@ def test_perfect_episode_terms():
 
 def test_wrong_answer_pays_no_tool_or_evidence():
     s = summary(answer="A")
-    assert not is_correct(s)
-    total, terms = compute_reward(s, CFG)
+    assert not is_correct(*s)
+    total, terms = reward(s, CFG)
     assert terms["accuracy"] == 0.0 and terms["tool"] == 0.0 and terms["evidence"] == 0.0
     assert terms["format"] == 0.2
 
 
 def test_format_errors_cancel_evidence_and_floor_at_minus_one():
-    _, terms = compute_reward(summary(format_errors=1), CFG)
+    _, terms = reward(summary(format_errors=1), CFG)
     assert terms["format"] == pytest.approx(0.2 * 0.5) and terms["evidence"] == 0.0
     assert terms["accuracy"] == 1.0 and terms["tool"] == 0.1
-    _, terms = compute_reward(summary(format_errors=40), CFG)
+    _, terms = reward(summary(format_errors=40), CFG)
     assert terms["format"] == pytest.approx(-0.2)
 
 
 def test_no_answer_counts_as_a_format_error():
-    _, terms = compute_reward(summary(answer=None, status="TRUNCATED"), CFG)
+    _, terms = reward(summary(answer=None, status="TRUNCATED"), CFG)
     assert terms["format"] == pytest.approx(0.2 * 0.5)
     assert terms["accuracy"] == terms["tool"] == terms["evidence"] == 0.0
 
 
 def test_tool_bonus_needs_a_successful_call_and_evidence_needs_spans():
-    _, terms = compute_reward(summary(tool_calls_ok=0), CFG)
+    _, terms = reward(summary(tool_calls_ok=0), CFG)
     assert terms["tool"] == 0.0 and terms["accuracy"] == 1.0
-    _, terms = compute_reward(summary(evidence=[]), CFG)
+    _, terms = reward(summary(evidence=[]), CFG)
     assert terms["evidence"] == 0.0
-    _, terms = compute_reward(summary(zoom_windows=[]), CFG)
+    _, terms = reward(summary(zoom_windows=[]), CFG)
     assert terms["evidence"] == 0.0
-    _, terms = compute_reward(summary(zoom_windows=[(40.0, 50.0)]), CFG)
+    _, terms = reward(summary(zoom_windows=[(40.0, 50.0)]), CFG)
     assert terms["evidence"] == pytest.approx(0.3 * 0.5)  # right answer, windows missed: the formula's floor
 
 
 def test_zero_costs_are_plain_zero():
-    _, terms = compute_reward(summary(), RewardConfig())
+    _, terms = reward(summary(), RewardConfig())
     assert terms["cost"] == 0.0 and str(terms["cost"]) == "0.0"
-    _, terms = compute_reward(summary(turns=1, frames_returned=0), CFG)
+    _, terms = reward(summary(turns=1, frames_returned=0), CFG)
     assert terms["cost"] == 0.0
 
 
 def test_terms_sum_to_total_exactly_on_random_episodes():
     rng, seed = fresh_rng()
     for _ in range(2000):
-        cfg = RewardConfig(**{f.name: rng.choice([0.0, rng.uniform(0, 2)]) if f.name != "format_penalty"
-                              else rng.uniform(0, 1) for f in dataclasses.fields(RewardConfig)})
+        cfg = RewardConfig(weights={k: rng.choice([0.0, rng.uniform(0, 2)]) for k in ("accuracy", "format", "tool",
+                                                                                     "evidence", "cost")},
+                           kwargs={"format_penalty": rng.uniform(0, 1), "cost_per_frame": rng.choice([0.0, 0.01]),
+                                   "cost_per_turn": rng.choice([0.0, 0.05])})
         s = summary(answer=rng.choice([None, "A", "B", "blue car", "junk"]), format_errors=rng.randint(0, 5),
                     tool_calls_ok=rng.randint(0, 3), evidence=rng.choice([[], [(5.0, 9.0)]]),
                     zoom_windows=[(rng.uniform(0, 30), rng.uniform(0, 30)) for _ in range(rng.randint(0, 3))],
                     frames_returned=rng.randint(0, 64), turns=rng.randint(1, 8))
-        total, terms = compute_reward(s, cfg)
+        total, terms = reward(s, cfg)
         assert total == sum(terms.values()), seed
-        if not is_correct(s):
+        if not is_correct(*s):
             assert terms["tool"] == terms["evidence"] == terms["accuracy"] == 0.0, seed
-        assert -cfg.format - 1e-12 <= terms["format"] <= cfg.format + 1e-12, seed
+        w = cfg.weights["format"]
+        assert -w - 1e-12 <= terms["format"] <= w + 1e-12, seed
+
+
+def test_a_reward_function_is_a_plain_function_named_in_config(tmp_path, monkeypatch):
+    """reward.fn names module:function; its terms are weighted by reward.weights (1 when not given) and
+    summed; reward.kwargs reach it; a broken return is an error naming the term."""
+    (tmp_path / "plain_rewards.py").write_text(
+        "def length_bonus(episode, task, per_turn=0.0):\n"
+        "    return {'right': float(episode.answer == task.answer), 'turns': -per_turn * episode.turns}\n"
+        "def broken(episode, task):\n"
+        "    return {'right': float('nan')}\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    cfg = RewardConfig(fn="plain_rewards:length_bonus", weights={"right": 2.0}, kwargs={"per_turn": 0.1})
+    total, terms = reward(summary(turns=3), cfg)
+    assert terms == {"right": 2.0, "turns": pytest.approx(-0.3)} and total == sum(terms.values())
+    with pytest.raises(ValueError, match="reward term 'right' = nan is not a finite number"):
+        reward(summary(), RewardConfig(fn="plain_rewards:broken"))
+    with pytest.raises(ValueError, match="cannot import 'nowhere'"):
+        reward(summary(), RewardConfig(fn="nowhere:fn"))
+    with pytest.raises(ValueError, match="non-empty dict"):
+        weigh([], {})

@@ -10,15 +10,16 @@ import pytest
 from configs.schema import EnvConfig
 from env.fuzz import fuzz_actions
 from env.parser import parse_action
-from env.tools import (MAX_QUERY_CHARS, MIN_BBOX_SIDE, TIME_TOLERANCE_S, TOOL_NAMES, TOOL_SCHEMAS,
-                       check_schema, sample_invalid_args, sample_valid_args, tool_schemas, validate_call)
+from env.tools import (MAX_QUERY_CHARS, MIN_BBOX_SIDE, TIME_TOLERANCE_S, TOOL_NAMES, builtin_tools, check_schema,
+                       sample_invalid_args, sample_valid_args, tool_schemas, validate_call)
 from env.types import ToolCall
 
 CFG = EnvConfig(max_frames_per_call=12, search_top_k=7)
+TOOL_SCHEMAS = [t.schema for t in builtin_tools(EnvConfig()).values()]  # the defaults' caps: 16 frames, top 5
 
 
-def validate(name, args, *, duration=60.0, has_captions=True, cfg=CFG):
-    return validate_call(ToolCall(name=name, arguments=args), cfg=cfg, duration=duration, has_captions=has_captions)
+def validate(name, args, *, duration=60.0, cfg=CFG):
+    return validate_call(ToolCall(name=name, arguments=args), builtin_tools(cfg), duration)
 
 
 def fresh_rng():
@@ -141,11 +142,17 @@ def test_exact_error_messages(name, args, expected):
     assert out is None and expected in err, err
 
 
-def test_search_without_captions_is_a_clear_error():
-    out, err = validate("temporal_search", {"query": "dog", "top_k": 2}, has_captions=False)
-    assert out is None
-    assert err == ("temporal_search: this video has no captions or subtitles to search; "
-                   "use temporal_zoom or get_frame instead.")
+def test_search_without_captions_is_a_clear_error(small_demo_tasks):
+    import dataclasses
+
+    from env import VideoToolEnv
+
+    env = VideoToolEnv(CFG)
+    env.reset(dataclasses.replace(small_demo_tasks[0], captions=[]))
+    obs, _, _, _, info = env.step('<tool_call>{"name": "temporal_search", "arguments": {"query": "dog", "top_k": 2}}</tool_call>')
+    assert ("[temporal_search] error: temporal_search: this video has no captions or subtitles to search; "
+            "use temporal_zoom or get_frame instead.") in obs.text
+    assert info["tool_calls"] == 0 and info["format_errors"] == 1  # refused: a format error, no budget spent
 
 
 def test_normalisation():
@@ -165,7 +172,7 @@ def test_fuzzed_calls_validate_without_raising():
     accepted = rejected = 0
     for text in fuzz_actions(rng, 3000, duration=60.0):
         for c in parse_action(text).calls:
-            out, err = validate_call(c, cfg=CFG, duration=60.0, has_captions=rng.random() < 0.5)
+            out, err = validate_call(c, builtin_tools(CFG), 60.0)
             assert (out is None) != (err is None), seed
             if out is None:
                 rejected += 1

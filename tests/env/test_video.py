@@ -19,7 +19,7 @@ import numpy as np
 import pytest
 
 from env.demo import write_video
-from env.errors import VideoCorrupt, VideoDecodeTimeout, VideoEmpty, VideoError, VideoNotFound
+from env.errors import VideoCorrupt, VideoDecodeTimeout, VideoEmpty, VideoNotFound
 from env.video import FrameDecoder, VideoReader, get_decoder, naive_walk_cost, resize_to_fit
 
 W, H, FPS, N, GOP = 160, 96, 10, 300, 50

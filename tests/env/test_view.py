@@ -3,8 +3,8 @@
 The trajectories come from real episodes (OraclePolicy with the demo perception through
 VideoToolEnv on real H.264 demo videos), so their FrameRefs, turn texts, observation texts
 and reward terms are what the env produces. Their token arrays are one placeholder token:
-the viewer reads no tokens, and building real ones needs a tokenizer (learner/sft.py's
-`scripted_trajectory` does that; tests/learner/test_sft.py covers it).
+the viewer reads no tokens, and building real ones needs a tokenizer (actors/scripted_engine.py's
+`scripted_trajectories` does that through the agent loop; tests/learner/test_sft.py covers it).
 """
 
 from __future__ import annotations
@@ -135,10 +135,18 @@ def test_zoom_windows_follow_the_parser_and_validation():
              '<tool_call>{"name": "get_frame", "arguments": {"time": 10}}</tool_call>',
              '<tool_call>{"name": "temporal_zoom", "arguments": {"start": 15, "end": 99, "num_frames": 4}}</tool_call>',
              "<answer>B</answer>"]
-    z = zoom_windows(texts, duration=20.0)
+    from protos.records import Trajectory
+
+    old = Trajectory([], [], [], [], metadata={"turn_texts": texts})  # recorded before tools reported windows
+    z = zoom_windows(old, duration=20.0)
     assert [(w.turn, w.name, w.start) for w in z] == [(1, "temporal_zoom", 2.0), (1, "get_frame", 10.0 - POINT_HALF_WIDTH_S),
                                                       (2, "temporal_zoom", 15.0)]
     assert z[0].end == 6.0 and not z[0].error and not z[1].error and z[2].error  # 99 s is past the end
+    # Since then the env records every call with its window and label, a user's tool's too.
+    new = Trajectory([], [], [], [], metadata={"turn_texts": texts, "tool_calls": [
+        {"turn": 1, "name": "crop_video", "arguments": {}, "ok": True, "error": "", "label": "crop 3-7s", "window": [3, 7]},
+        {"turn": 2, "name": "crop_video", "arguments": {}, "ok": False, "error": "too long", "label": "", "window": None}]})
+    assert [(w.turn, w.name, w.start, w.end, w.error) for w in zoom_windows(new, 20.0)] == [(1, "crop 3-7s", 3.0, 7.0, "")]
     assert nice_step(20.0) == 2.0 and nice_step(3600.0) == 300.0
 
 

@@ -60,7 +60,7 @@ def make_groups(processor, demo_tasks):
     from configs import load_config
     from env.demo import demo_perception
     from env.testing import BlindPolicy, OraclePolicy
-    from learner.sft import scripted_trajectories
+    from actors.scripted_engine import scripted_trajectories
     from protos.records import Group
 
     cfg = load_config(overrides=SMALL_EPISODES)
@@ -74,7 +74,7 @@ def make_groups(processor, demo_tasks):
         for g in range(n_groups):
             task = demo_tasks[(seed + g) % len(demo_tasks)]
             gid = f"g{seed}-{g}"
-            trajs = scripted_trajectories([task], processor, cfg, group_size, make_policy=policy, inline_pixels=False,
+            trajs = scripted_trajectories([task], processor, cfg, group_size, make_policy=policy,
                                           seed=1000 * seed + g)
             for k, t in enumerate(trajs):
                 t.group_id, t.traj_id = gid, f"{gid}/{k}"

@@ -18,24 +18,29 @@ def _cfg(make_cfg, *extra):
 
 
 def test_scripted_episode_is_rendered_like_the_agent_loop(make_cfg, processor, demo_tasks):
+    """The SFT's episodes come from the one agent loop with a scripted engine: each turn's tokens are what
+    the model engine returns for that text (ended at </answer> or with <|im_end|>), the prompt is the
+    renderer's, and every image run has a FrameRef that re-decodes to the pixels it recorded."""
+    from actors.scripted_engine import scripted_trajectories
     from env.env import VideoToolEnv
     from learner.batch import checked_images, decode_refs, image_runs
-    from learner.sft import model_turns, scripted_trajectories
+    from learner.sft import model_turns
     from models.chat import ChatRenderer
     from models.hf import expand_image_placeholders
 
     cfg = make_cfg()
     tok = processor.tokenizer
-    t = scripted_trajectories(demo_tasks[:1], processor, cfg, 1, inline_pixels=True)[0]
+    t = scripted_trajectories(demo_tasks[:1], processor, cfg, 1)[0]
     assert t.status.value == "COMPLETED" and t.reward_terms["accuracy"] == 1.0  # the oracle answers from pixels
     texts = t.metadata["turn_texts"]
     turns = model_turns(t)
     assert len(turns) == len(texts) == 3
     for (s, e), text in zip(turns, texts):
         decoded = tok.decode(t.token_ids[s:e].tolist(), skip_special_tokens=False)
-        ends_turn = not text.endswith("</answer>")  # the engine stops at </answer>, else at <|im_end|>
-        assert decoded == text + ("<|im_end|>" if ends_turn else "")
-        parsed = parse_action(text)
+        assert decoded == text  # the turn text is what the engine returned, token for token
+        # ... which stops at </answer> (the last turn), else ends the turn with <|im_end|>.
+        assert text.endswith("</answer>") if (s, e) == turns[-1] else text.endswith("<|im_end|>")
+        parsed = parse_action(text.removesuffix("<|im_end|>"))
         assert not parsed.errors and (parsed.calls or parsed.answer)
     # The prompt is exactly what the agent loop's renderer produces, image runs expanded.
     env = VideoToolEnv(cfg.env, cfg.reward)
@@ -43,43 +48,42 @@ def test_scripted_episode_is_rendered_like_the_agent_loop(make_cfg, processor, d
     prompt = expand_image_placeholders(ChatRenderer(tok, env.tools).prompt_ids(obs), [f.image for f in obs.frames],
                                        processor)
     assert t.token_ids[: len(prompt)].tolist() == prompt and turns[0][0] == len(prompt)
-    # One image run per media ref, and the inline pixels are the ones the FrameRefs re-decode to.
+    # One image run per media ref, each re-decoding to the pixels it recorded (checked_images checks the hash).
     image_id = tok.convert_tokens_to_ids("<|image_pad|>")
-    assert len(image_runs(t.token_ids, image_id)) == len(t.media) == len(t.pixels) > len(obs.frames)
+    assert len(image_runs(t.token_ids, image_id)) == len(t.media) > len(obs.frames)
     from env.video import get_decoder
 
-    redecoded = checked_images(_without_pixels(t), decode_refs(t.media, get_decoder()))
-    assert all(np.array_equal(a, b) for a, b in zip(redecoded, t.pixels))
-
-
-def _without_pixels(t):
-    import dataclasses
-
-    return dataclasses.replace(t, pixels=None)
+    assert len(checked_images(t, decode_refs(t.media, get_decoder()))) == len(t.media)
+    assert (t.behavior_logprobs == 0).all() and set(t.policy_version[t.loss_mask == 1].tolist()) == {0}
 
 
 def test_incremental_decoding_agrees_with_a_full_forward(tiny_dir, processor, make_cfg, demo_tasks):
     """continue_turn's KV-cache loop keeps the M-RoPE positions right after images."""
-    from learner.sft import continue_turn, model_turns, scripted_trajectories
+    from actors.scripted_engine import scripted_trajectories
+    from env.video import get_decoder
+    from learner.batch import checked_images, decode_refs
+    from learner.sft import continue_turn, model_turns
     from models.hf import banned_token_ids_of, hf_inputs, load_hf_model
 
     model = load_hf_model(tiny_dir)
     banned = banned_token_ids_of(tiny_dir)
     t = scripted_trajectories(demo_tasks[1:2], processor, make_cfg(), 1)[0]
+    pixels = checked_images(t, decode_refs(t.media, get_decoder()))
     start = model_turns(t)[1][0]  # the second turn: images of the overview and of the zoom before it
     prefix = t.token_ids[:start].tolist()
     n_img = len([r for r in t.media])  # images before the second turn: all but the spatial zoom's
     runs = int(np.sum(np.diff(np.r_[0, (t.token_ids[:start] == model.config.image_token_id).astype(np.int8)]) == 1))
     assert 0 < runs < n_img
-    new = continue_turn(model, processor, prefix, t.pixels[:runs], banned=banned, max_new_tokens=12)
+    new = continue_turn(model, processor, prefix, pixels[:runs], banned=banned, max_new_tokens=12)
     with torch.no_grad():
-        logits = model(**hf_inputs(model, processor, prefix + new, t.pixels[:runs])).logits[0].float()
+        logits = model(**hf_inputs(model, processor, prefix + new, pixels[:runs])).logits[0].float()
     logits[:, banned] = float("-inf")
     assert logits[len(prefix) - 1: len(prefix) + len(new) - 1].argmax(-1).tolist() == new
 
 
 def test_sft_teaches_the_action_format(tiny_dir, make_cfg, demo_tasks):
-    from learner.sft import SftModel, run_sft, scripted_trajectories, to_samples, valid_action_rate
+    from actors.scripted_engine import scripted_trajectories
+    from learner.sft import SftModel, run_sft, to_samples, valid_action_rate
 
     cfg = _cfg(make_cfg)
     torch.manual_seed(0)
@@ -103,13 +107,14 @@ def test_sft_teaches_the_action_format(tiny_dir, make_cfg, demo_tasks):
 
 
 def test_weft_sft_command(tiny_dir, demo_tasks, processor, make_cfg, tmp_path, capsys):
-    from learner.sft import main_sft, scripted_trajectories
+    from actors.scripted_engine import scripted_trajectories
+    from learner.sft import main_sft
     from weft_cli import add_sft_args
     from models.hf import load_hf_model
     from protos.codec import write_trajectories
 
     # From a trajectory file (FrameRefs only: the pixels are re-decoded from the videos).
-    trajs = scripted_trajectories(demo_tasks[:2], processor, make_cfg(), 2, inline_pixels=False)
+    trajs = scripted_trajectories(demo_tasks[:2], processor, make_cfg(), 2)
     path = tmp_path / "trajs.msgpack"
     write_trajectories(path, trajs)
     out = tmp_path / "sft_model"
