@@ -10,7 +10,8 @@
    when more than one); rank 0 serves gRPC and trains (learner/service.py); resumed from run_dir
 4. M EnvActors and N RolloutWorkers, sized apart (env.num_actors, rollout.num_workers)
 5. the dispatcher paces groups to the workers within the staleness bound, re-runs lost ones,
-   restarts a learner that lost a rank, until trainer.total_steps (actors/dispatcher.py)
+   restarts a learner that lost a rank, validates on data.val_path every trainer.val_every steps,
+   until trainer.total_steps (actors/dispatcher.py)
 6. final checkpoint, workers down, summary (printed, and run_dir/summary.json)
 
 Everything a run writes is under the run dir: config.yaml, metrics.jsonl, tb/, checkpoints/,
@@ -57,6 +58,7 @@ def load_run_config(args: argparse.Namespace) -> Any:
         raise SystemExit(f"rollout.group_size {cfg.rollout.group_size} != learner.group_size {cfg.learner.group_size}")
     # Absolute, so actors on any node (or in a job's working dir) find them.
     cfg.model, cfg.data.path = str(Path(cfg.model).resolve()), str(Path(cfg.data.path).resolve())
+    cfg.data.val_path = str(Path(cfg.data.val_path).resolve()) if cfg.data.val_path else None
     run_dir = Path(cfg.trainer.run_dir).resolve()
     cfg.trainer.run_dir = str(run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
@@ -83,7 +85,7 @@ def init_ray(cfg: Any) -> None:
 def main(argv: Optional[Sequence[str]] = None) -> int:
     import ray
 
-    from actors.cluster import stop_all
+    from actors.cluster import shutdown_workers, stop_all
     from actors.dispatcher import Dispatcher
     from actors.display import display, print_summary
     from actors.env_actor import start_env_actors
@@ -101,20 +103,22 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     workers = start_rollout_workers(cfg, cfg.model, address, envs)
     resumed = learner.progress()
     dispatcher = Dispatcher(cfg, load_tasks(cfg.data.path), workers, envs, learner,
-                            start_index=resumed["accepted"] + resumed["stale_at_put"])
+                            start_index=resumed["accepted"] + resumed["stale_at_put"],
+                            val_tasks=load_tasks(cfg.data.val_path) if cfg.data.val_path else None)
     try:                                                                       # 5
         with display(cfg.run.display, cfg.trainer.total_steps) as update:
             accounting = dispatcher.run(cfg.trainer.total_steps, on_tick=update)
     except BaseException:
         stop_all(learner, workers)  # best effort (a last checkpoint if the learner lives); the error is what counts
         raise
-    final, _ = learner.stop(), ray.get([w.shutdown.remote() for w in workers], timeout=120)  # 6
+    final, _ = learner.stop(), shutdown_workers(workers)                      # 6
     rows = read_metrics(cfg.trainer.run_dir)
     summary = {"run_dir": cfg.trainer.run_dir, "steps": final["step"], "version": final["version"],
                "groups": accounting, "learner": {k: final[k] for k in ("accepted", "groups_consumed", "buffer",
                                                                         "stale_at_put", "stale_at_take", "duplicate",
                                                                         "rejected", "idle_frac")},
-               "learning": learning_summary(rows)}
+               "learning": learning_summary(rows),
+               "validation": dispatcher.val.history if dispatcher.val is not None else []}
     Path(cfg.trainer.run_dir, "summary.json").write_text(json.dumps(summary, indent=2), encoding="utf-8")
     print_summary(summary)
     ray.shutdown()

@@ -51,6 +51,32 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     p.add_argument("overrides", nargs="*", help="key=value config overrides, e.g. rollout.temperature=0.8")
     p.set_defaults(func=_rollout)
 
+    p = sub.add_parser("convert", help="Convert a benchmark's annotation files into a weft task file; a JSON summary last.")
+    p.add_argument("format", choices=["videomme", "lvbench", "mlvu", "longvideobench"], help="The benchmark.")
+    p.add_argument("--annotations", required=True, help="As distributed: Video-MME's parquet (or its JSON/JSONL export), "
+                   "LVBench's video_info.meta.jsonl, MLVU's json/ folder of per-task files, LongVideoBench's lvb_val.json.")
+    p.add_argument("--videos", required=True, help="Folder holding the benchmark's videos (searched by relative path, then by name).")
+    p.add_argument("--out", required=True, help="The task file to write (JSONL; video paths relative to it).")
+    p.add_argument("--subtitles", default=None, help="Subtitle folder (Video-MME .srt, LongVideoBench .json); default: "
+                   "the benchmark's own folder beside the annotations (subtitle/, subtitles/).")
+    p.set_defaults(func=_convert)
+
+    p = sub.add_parser("eval", help="Evaluate a model (or a scripted policy) with the training agent loop; results + summary.")
+    p.add_argument("--model", default=None, help="HF model directory (tiny or real). Not needed with --policy.")
+    p.add_argument("--data", required=True, help="A tasks.jsonl (e.g. from `weft convert`) or a directory holding one.")
+    p.add_argument("--config", default=None, help="YAML config file: its env, reward, rollout budgets and eval sections are used.")
+    p.add_argument("--samples", type=int, default=None, help="K episodes per task (default eval.samples): mean@K and pass@k.")
+    p.add_argument("--temperature", type=float, default=None, help="Sampling temperature (default eval.temperature: 0, greedy).")
+    p.add_argument("--out", default=None, help="Output folder (default runs/eval-<time>). A rerun with the same --out resumes.")
+    p.add_argument("--no-tools", action="store_true", help="The no-tools baseline: one turn, --frames uniform frames, answer.")
+    p.add_argument("--frames", type=int, default=None, help="Overview frames (default env.overview_frames).")
+    p.add_argument("--policy", choices=["oracle", "blind"], default=None,
+                   help="Evaluate the env's scripted policy instead of a model (checks the harness; no --model needed).")
+    p.add_argument("--ray", action="store_true", help="Spread tasks over rollout.num_workers engines on Ray (RAY_ADDRESS or a local cluster).")
+    p.add_argument("--max-tasks", type=int, default=None, help="Only the first N tasks of the file.")
+    p.add_argument("overrides", nargs="*", help="key=value config overrides, e.g. env.max_turns=12")
+    p.set_defaults(func=_eval)
+
     p = sub.add_parser("learner", help="Run the learner on its own: gRPC service + trainer + weight publishing.")
     add_learner_args(p)
     p.set_defaults(func=_learner)
@@ -99,6 +125,50 @@ def _make_demo_data(args: argparse.Namespace) -> int:
 
     path = make_demo_data(args.out, videos=args.videos, seconds=args.seconds, seed=args.seed)
     print(json.dumps({"tasks": str(path)}))
+    return 0
+
+
+def _convert(args: argparse.Namespace) -> int:
+    from env.benchmarks import convert
+
+    summary = convert(args.format, args.annotations, args.videos, args.out, subtitles=args.subtitles)
+    for reason, n in sorted(summary["skipped"].items()):
+        print(f"skipped {n} ({reason}), e.g. {'; '.join(summary['skipped_examples'][reason][:2])}", file=sys.stderr)
+    print(json.dumps(summary, sort_keys=True))
+    return 0
+
+
+def _eval(args: argparse.Namespace) -> int:
+    import functools
+    import logging
+    import os
+
+    from actors.evaluator import eval_config, print_summary, run_eval
+    from configs import load_config
+    from env import load_tasks
+
+    logging.basicConfig(level=logging.WARNING)
+    if args.model is None and args.policy is None:
+        raise SystemExit("weft eval needs --model DIR, or --policy oracle|blind")
+    cfg = eval_config(load_config(args.config, args.overrides), samples=args.samples, temperature=args.temperature,
+                      no_tools=args.no_tools, frames=args.frames)
+    data = _tasks_path(args.data)
+    bad: list[str] = []
+    tasks = load_tasks(data, bad_lines=bad)[: args.max_tasks]
+    for problem in bad[:20]:
+        print(f"skipped a bad task line: {problem}", file=sys.stderr)
+    factory = None
+    if args.policy:
+        from actors.scripted_engine import scripted_engine
+
+        factory = functools.partial(scripted_engine, args.policy, args.model, cfg.trainer.sft_zoom_frames, cfg.seed)
+    if args.ray:
+        import ray
+
+        ray.init(**({} if os.environ.get("RAY_ADDRESS") else {"include_dashboard": False}))
+    out = args.out or f"runs/eval-{__import__('time').strftime('%Y%m%d-%H%M%S')}"
+    summary = run_eval(cfg, tasks, out, model_dir=args.model, engine_factory=factory, use_ray=args.ray, data_path=str(data))
+    print_summary({**summary, "out": out, "bad_task_lines": len(bad)})
     return 0
 
 

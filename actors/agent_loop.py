@@ -155,6 +155,8 @@ async def run_episode(engine: Any, env: Any, task: Task, sampling: Any, budgets:
     meta = {"turn_texts": texts, "observation_texts": obs_texts, "answer": info.get("answer"), "tool_calls": calls}
     if error:
         meta["error"] = error
+    if status is Status.TRUNCATED:
+        meta["truncated_by"] = info.get("truncated_by", "max_turns")  # the loop's token budgets, or the env's turns
     return Trajectory(np.asarray(b.token_ids), np.asarray(b.loss_mask), np.asarray(b.logprobs),
                       np.asarray(b.versions), media=b.media, reward=float(reward), reward_terms=dict(terms),
                       status=status, group_id=group_id, task_id=task.id, traj_id=traj_id, metrics=metrics,

@@ -28,13 +28,23 @@ def check_resources(cfg: Any, have: dict, local: bool) -> None:
     log.warning("%s; waiting for the cluster to grow", msg)
 
 
+def shutdown_workers(workers: list) -> None:
+    """Stop the rollout workers' engines. One that is dead or being restarted by Ray (killed at the very
+    end of a run) has nothing to stop: logged, not raised, so the run that just finished still ends cleanly."""
+    import ray
+
+    refs = [w.shutdown.remote() for w in workers]
+    for i, ref in enumerate(refs):
+        try:
+            ray.get(ref, timeout=120)
+        except Exception as e:  # noqa: BLE001 - Ray takes the actor down with the job either way
+            log.warning("rollout worker %d did not shut down cleanly: %s: %s", i, type(e).__name__, str(e)[:200])
+
+
 def stop_all(learner: Any, workers: list) -> None:
     """Stop the learner (final checkpoint) and the workers, logging instead of raising: called while
     another error is on its way up."""
-    import ray
-
-    for what, stop in (("learner", learner.stop), ("rollout workers",
-                                                   lambda: ray.get([w.shutdown.remote() for w in workers], timeout=120))):
+    for what, stop in (("learner", learner.stop), ("rollout workers", lambda: shutdown_workers(workers))):
         try:
             stop()
         except Exception as e:  # noqa: BLE001 - the error being raised matters more than this one

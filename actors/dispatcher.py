@@ -25,6 +25,14 @@ are gone with it, so every accepted group the restored learner has not seen is r
 the ack carries the accepting learner's version, and the restored learner starts above every
 version its predecessor handed out.
 
+Validation (data.val_path, trainer.val_every, trainer.val_before_train): at a validation step N
+the pacing stops at N (no group is started that the learner would train after step N), and once
+the learner is at N and no training group is running, every validation task is handed to the
+workers with N's weights (`RolloutWorker.run_eval`: eval.samples episodes at eval.temperature, on
+the env actors, nothing submitted). Their records are scored (env.scoring), logged as `val/...` at
+step N in the run's metrics, and training resumes. So a validation is exact: all its episodes ran
+on the weights of step N. A validation task lost with its worker or env actor is run again.
+
 Pools are RLlib FaultTolerantActorManagers. A call that fails with a Ray error takes
 its actor out of service (Ray restarts it: max_restarts); its items go back to the
 front of the queue; an async ping brings the actor back once it answers. Every item
@@ -66,6 +74,10 @@ def call_run_item(worker: Any, item: dict[str, Any]) -> Any:
     return worker.run_item(item)
 
 
+def call_run_eval(worker: Any, item: dict[str, Any]) -> Any:
+    return worker.run_eval(item)
+
+
 def call_ping(actor: Any) -> Any:
     return actor.ping()
 
@@ -74,9 +86,38 @@ def call_set_learner(worker: Any, address: str) -> Any:
     return worker.set_learner(address)
 
 
+class Validation:
+    """When the next validation is due, and the one in progress (see the module notes)."""
+
+    def __init__(self, tasks: list[Task], every: int, before: bool, total_steps: int) -> None:
+        self.tasks, self.every, self.before, self.total_steps = tasks, every, before, total_steps
+        self.at: Optional[int] = None  # the step the next validation runs at
+        self.started: Optional[tuple[int, int, float]] = None  # (step, version, monotonic start) while one runs
+        self.queue: collections.deque[Item] = collections.deque()
+        self.running: dict[str, tuple[Item, int]] = {}
+        self.records: list[dict[str, Any]] = []
+        self.versions: list[int] = []  # weight versions that sampled the running validation's tokens
+        self.history: list[dict[str, Any]] = []
+
+    def schedule(self, step: int) -> None:
+        """The next validation step after `step` (step 0 itself before training, when asked for)."""
+        due = [0] if self.before and step == 0 and not self.history else []
+        if self.every:
+            due += [(step // self.every + 1) * self.every, self.total_steps]
+        self.at = min((d for d in due if d <= self.total_steps and (d > step or d == 0 == step)), default=None)
+
+    def begin(self, step: int, version: int) -> None:
+        self.started, self.records, self.versions = (step, version, time.monotonic()), [], []
+        self.queue.extend(Item(i, f"val-{step:06d}-{i:05d}", t) for i, t in enumerate(self.tasks))
+
+    @property
+    def busy(self) -> bool:
+        return bool(self.queue or self.running)
+
+
 class Dispatcher:
     def __init__(self, cfg: WeftConfig, tasks: list[Task], workers: list, envs: list, learner: Any,
-                 start_index: int = 0) -> None:
+                 start_index: int = 0, val_tasks: Optional[list[Task]] = None) -> None:
         self.cfg = cfg
         self.gps = cfg.trainer.groups_per_step
         self.staleness = cfg.learner.max_staleness
@@ -97,6 +138,9 @@ class Dispatcher:
         self.created = 0
         self.accepted: dict[str, Item] = {}  # what a restarted learner may have lost
         self.restored: Optional[tuple[int, set[str]]] = None  # (first version, seen ids) of the last restart
+        tc = cfg.trainer
+        self.val = Validation(val_tasks, tc.val_every, tc.val_before_train, tc.total_steps) \
+            if val_tasks and (tc.val_every or tc.val_before_train) else None
 
     # ---- the loop
     def run(self, total_steps: int, on_tick: Optional[Callable[[dict[str, Any]], None]] = None) -> dict[str, Any]:
@@ -109,7 +153,8 @@ class Dispatcher:
             except LearnerLost as e:
                 self._learner_lost(e)
                 continue
-            if self.progress["step"] >= total_steps or self.progress["done"]:
+            self._validate()
+            if (self.progress["step"] >= total_steps or self.progress["done"]) and not self._val_due():
                 break
             self._dispatch()
             self._collect(0.25)
@@ -133,10 +178,13 @@ class Dispatcher:
 
     # ---- dispatching
     def budget(self) -> int:
-        """Groups that may start now (see the module docstring)."""
+        """Groups that may start now (see the module docstring); none past a due validation's step."""
         p = self.progress
         supplied = len(self.running) + p["accepted"] - p["stale_at_take"]
-        return (p["batches"] + self.staleness + 1) * self.gps - supplied
+        ahead = self.staleness + 1
+        if self.val is not None and self.val.at is not None:
+            ahead = min(ahead, max(0, self.val.at - p["step"]))
+        return (p["batches"] + ahead) * self.gps - supplied
 
     def _dispatch(self) -> None:
         for _ in range(max(self.budget(), 0)):
@@ -163,7 +211,8 @@ class Dispatcher:
         return Item(index, f"g{index:07d}", self.sampler.next())
 
     def _free_worker(self) -> Optional[int]:
-        load = collections.Counter(wid for _, wid in self.running.values())
+        busy = list(self.running.values()) + (list(self.val.running.values()) if self.val is not None else [])
+        load = collections.Counter(wid for _, wid in busy)
         free = [w for w in self.workers.healthy_actor_ids() if load[w] < self.cfg.rollout.concurrent_groups]
         return min(free, key=lambda w: load[w]) if free else None
 
@@ -177,6 +226,9 @@ class Dispatcher:
         for r in self.workers.fetch_ready_async_reqs(timeout_seconds=timeout, mark_healthy=True):
             if r.tag in ("probe", "health"):
                 self._pinged("workers", r)
+                continue
+            if self.val is not None and r.tag in self.val.running:
+                self._val_result(r)
                 continue
             item, _ = self.running.pop(r.tag)
             if r.ok:
@@ -206,6 +258,84 @@ class Dispatcher:
         self.counts["crossed_versions"] += int(out.get("max_version", -1) > out.get("min_version", -1) >= 0)
         if outcome == "rejected":
             log.error("learner rejected group %s: %s", item.group_id, reason)
+
+    # ---- validation
+    def _val_due(self) -> bool:
+        v = self.val
+        return v is not None and v.at is not None and (v.started is not None or v.at <= self.progress["step"])
+
+    def _validate(self) -> None:
+        """Start a due validation once the learner has stopped at its step and no training group runs;
+        hand its tasks out; log it when every task is back."""
+        v, p = self.val, self.progress
+        if v is None:
+            return
+        if v.at is None and v.started is None:
+            v.schedule(p["step"])
+        if v.started is None:
+            if v.at is None or p["step"] < v.at or self.running:
+                return
+            v.begin(p["step"], p["version"])
+            log.info("validation at step %d (version %d): %d tasks", p["step"], p["version"], len(v.tasks))
+        while v.queue:
+            wid = self._free_worker()
+            if wid is None:
+                return
+            item = v.queue.popleft()
+            item.attempts += 1
+            payload = {"group_id": item.group_id, "task": item.task, "env": self._env_for(item),
+                       "min_version": v.started[1], "next_task": v.queue[0].task if v.queue else None}
+            if not self.workers.foreach_actor_async([call_run_eval], tag=item.group_id, kwargs=[{"item": payload}],
+                                                    remote_actor_ids=[wid]):
+                item.attempts -= 1
+                v.queue.appendleft(item)
+                return
+            v.running[item.group_id] = (item, wid)
+        if not v.busy:
+            self._finish_validation()
+
+    def _val_result(self, r: Any) -> None:
+        v = self.val
+        item, _ = v.running.pop(r.tag)
+        out = r.get() if r.ok else None
+        if out is not None and out.get("outcome") == "done":
+            self._saw("workers", r.actor_id, out.get("incarnation"))
+            v.records += out["records"]
+            v.versions += [out[k] for k in ("min_version", "max_version") if out.get(k, -1) >= 0]
+            return
+        reason = out.get("reason", "") if out is not None else f"{type(r.get()).__name__}: {r.get()}"
+        self.counts["val_rerun"] += 1
+        if item.attempts >= MAX_ATTEMPTS:  # scored as failed episodes, never dropped from the figure
+            from env.scoring import episode_record
+            from protos.records import Trajectory
+
+            log.error("validation task %s failed %d times (%s)", item.task.id, item.attempts, reason[:200])
+            v.records += [episode_record(item.task, Trajectory.failed(reason[:300], task_id=item.task.id), s)
+                          for s in range(self.cfg.eval.samples)]
+            return
+        log.warning("validation task %s: %s; running it again", item.task.id, reason[:200])
+        v.queue.appendleft(item)
+
+    def _finish_validation(self) -> None:
+        from env.scoring import summarize, val_metrics
+
+        v = self.val
+        step, version, t0 = v.started
+        summary = summarize(v.records)
+        metrics = {**val_metrics(summary), "val/version": float(version), "val/seconds": time.monotonic() - t0}
+        if v.versions:  # equal to val/version: every validation token was sampled with the step's weights
+            metrics.update({"val/policy_version_min": float(min(v.versions)), "val/policy_version_max": float(max(v.versions))})
+        v.history.append({"step": step, "version": version, "accuracy": summary["accuracy"],
+                          "tasks": summary["tasks"], "episodes": summary["episodes"], "seconds": metrics["val/seconds"],
+                          "by_category": summary.get("by_category", {})})
+        log.info("validation at step %d: accuracy %.3f over %d tasks (%.1f s)", step, summary["accuracy"],
+                 summary["tasks"], metrics["val/seconds"])
+        try:
+            self.learner.log_metrics(step, metrics)
+        except Exception as e:  # noqa: BLE001 - a learner lost meanwhile: the history below still has it
+            log.warning("could not log validation metrics to the learner: %s", e)
+        v.started = None
+        v.schedule(step)
 
     # ---- a lost learner
     def _learner_lost(self, err: Exception) -> None:
@@ -288,6 +418,7 @@ class Dispatcher:
         return {**p, "workers_alive": self.workers.num_healthy_actors(), "workers": self.workers.num_actors(),
                 "envs_alive": self.envs.num_healthy_actors(), "envs": self.envs.num_actors(),
                 "running": len(self.running), "queued": len(self.queue), "counts": dict(self.counts),
+                "validation": self.val.history[-1] if self.val is not None and self.val.history else None,
                 "restarts": self.counts["restarts/workers"] + self.counts["restarts/envs"] + self.counts["restarts/learner"]}
 
     def accounting(self) -> dict[str, Any]:

@@ -27,7 +27,8 @@ def row(s: dict[str, Any], total_steps: int) -> dict[str, str]:
             "tokens/s": fmt(m.get("tokens_per_s"), 1), "staleness": fmt(m.get("staleness_mean"), 2),
             "workers": f"{s['workers_alive']}/{s['workers']}", "envs": f"{s['envs_alive']}/{s['envs']}",
             "groups ok/run/rerun": f"{c.get('accepted', 0)}/{s['running']}/{reruns}",
-            "buffer": str(s["buffer"]), "learner idle": fmt(s.get("idle_frac"), 2)}
+            "buffer": str(s["buffer"]), "learner idle": fmt(s.get("idle_frac"), 2),
+            "val acc": "-" if not s.get("validation") else f"{s['validation']['accuracy']:.3f}@{s['validation']['step']}"}
 
 
 def _table(r: dict[str, str]) -> Any:
@@ -79,6 +80,13 @@ def print_summary(summary: dict[str, Any]) -> None:
         learn.add_row(key, f"{s['first_mean']:.3f} ± {s['first_std']:.3f}", f"{s['last_mean']:.3f} ± {s['last_std']:.3f}",
                       f"{s['rise']:+.3f}", f"{s['rise_se']:+.1f}")
     console.print(learn)
+    if summary.get("validation"):
+        val = Table(title="validation (data.val_path, with each step's weights)", header_style="bold")
+        for col in ("step", "version", "accuracy", "tasks", "seconds"):
+            val.add_column(col, justify="right")
+        for v in summary["validation"]:
+            val.add_row(str(v["step"]), str(v["version"]), f"{v['accuracy']:.3f}", str(v["tasks"]), f"{v['seconds']:.1f}")
+        console.print(val)
     g = summary["groups"]
     acct = Table(title="groups", header_style="bold")
     for k in ("created", "accepted", "duplicate", "stale", "rejected", "given_up", "abandoned", "pending"):

@@ -88,6 +88,9 @@ class LearnerActor:
     def seen_group_ids(self) -> list[str]:
         return self.svc.seen_group_ids()
 
+    def log_metrics(self, step: int, metrics: dict[str, Any]) -> None:
+        self.svc.log_metrics(step, metrics)
+
     def stop(self) -> dict[str, Any]:
         """Rank 0: finish the step, save the final checkpoint (and export), release the other ranks, stop serving."""
         out = self.svc.stop()
@@ -173,6 +176,10 @@ class LearnerGroup:
 
     def seen_group_ids(self) -> set[str]:
         return set(ray.get(self.rank0.seen_group_ids.remote()))
+
+    def log_metrics(self, step: int, metrics: dict[str, Any]) -> None:
+        """A row of the driver's own metrics (validation) in the run's metrics.jsonl and TensorBoard."""
+        ray.get(self.rank0.log_metrics.remote(step, metrics), timeout=120)
 
     def stop(self) -> dict[str, Any]:
         """The final checkpoint and export, every rank released; returns rank 0's last progress."""

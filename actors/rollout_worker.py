@@ -15,6 +15,7 @@ the actor's event loop, where the engine lives).
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import logging
 import os
 import random
@@ -22,7 +23,7 @@ import time
 import uuid
 from collections import Counter
 from pathlib import Path
-from typing import Any, Optional, Protocol
+from typing import Any, Callable, Optional, Protocol
 
 import msgpack
 
@@ -130,8 +131,9 @@ class RolloutCore:
 
     def __init__(self, model_dir: str, tasks: list[Task], cfg: RolloutConfig, env_cfg: Optional[EnvConfig] = None,
                  reward_cfg: Optional[RewardConfig] = None, env: Any = None, worker_id: str = "",
-                 cursor: int = 0):
+                 cursor: int = 0, engine_factory: Optional[Callable[[], Any]] = None):
         self.model_dir, self.cfg = model_dir, cfg
+        self.engine_factory = engine_factory  # something else with the engine's contract (a scripted policy)
         self.sampler = TaskSampler(tasks, cfg.seed, cursor)
         if env is None:
             from env.episodes import LocalEnv
@@ -152,6 +154,8 @@ class RolloutCore:
                 self.engine = await self._create_engine()
 
     async def _create_engine(self) -> Any:
+        if self.engine_factory is not None:
+            return self.engine_factory()
         from actors.engine import Engine
 
         return await Engine.create(self.model_dir, dtype=self.cfg.dtype, max_model_len=self.cfg.max_model_len,
@@ -173,10 +177,12 @@ class RolloutCore:
                        max_context_tokens=min(self.cfg.max_context_tokens, self.cfg.max_model_len))
 
     async def run_group(self, task: Optional[Task] = None, group_id: Optional[str] = None, *, env: Any = None,
-                        prefetch: Optional[Task] = None) -> Group:
+                        prefetch: Optional[Task] = None, group_size: Optional[int] = None,
+                        temperature: Optional[float] = None) -> Group:
         """One GRPO group of the next task (or the given one), in this core's env (or the given one).
-        `prefetch` is the task to warm the env's cache with (default: the sampler's next). Never raises
-        for episode failures."""
+        `prefetch` is the task to warm the env's cache with (default: the sampler's next); `group_size`
+        and `temperature` replace the config's (validation plays K episodes at eval.temperature). Never
+        raises for episode failures."""
         from actors.agent_loop import run_group
 
         await self.start()
@@ -191,7 +197,10 @@ class RolloutCore:
         gid = group_id or f"{self.worker_id}-{self._groups_started}-{uuid.uuid4().hex[:8]}"
         self._groups_started += 1
         t0 = time.perf_counter()
-        trajs = await run_group(self.engine, env, task, self._sampling(), self.cfg.group_size,
+        sampling = self._sampling()
+        if temperature is not None:
+            sampling = dataclasses.replace(sampling, temperature=temperature)
+        trajs = await run_group(self.engine, env, task, sampling, group_size or self.cfg.group_size,
                                 self._budgets(), group_id=gid, system_prompt=self.cfg.system_prompt)
         for t in trajs:
             self.counters[f"status:{t.status.value}"] += 1
@@ -338,31 +347,48 @@ class RolloutWorker:
             await asyncio.sleep(0.02)
         return time.perf_counter() - t0
 
-    async def run_item(self, item: dict[str, Any]) -> dict[str, Any]:
-        """Run one work item and submit its group; the outcome is the learner's ack (or env_lost)."""
-        from protos import learner_pb2 as pb
-
+    async def _play(self, item: dict[str, Any], **kwargs: Any) -> tuple[Optional[Group], dict[str, Any]]:
+        """Run an item's group from at least its weight version on its env actor: (group, the numbers the
+        driver keeps), or (None, an env_lost outcome) when the env actor died under it."""
         await self._ready()
         waited = await self._wait_version(item["min_version"])
         env = self.envs[item["env"] % len(self.envs)] if self.envs else None
         try:
             group = await self.core.run_group(item["task"], group_id=item["group_id"], env=env,
-                                              prefetch=item.get("next_task"))
+                                              prefetch=item.get("next_task"), **kwargs)
         except Exception as e:  # noqa: BLE001 - sorted below: env actor lost, engine dead, or a bug
             self._exit_if_engine_dead(e)
             if type(e).__name__ in ENV_LOST:  # e.g. the env actor died before the episodes began
-                return {"group_id": item["group_id"], "outcome": "env_lost", "reason": f"{type(e).__name__}: {e}",
-                        "incarnation": self.incarnation}
+                return None, {"group_id": item["group_id"], "outcome": "env_lost",
+                              "reason": f"{type(e).__name__}: {e}", "incarnation": self.incarnation}
             raise
         self._exit_if_engine_dead(RuntimeError("engine died during the group"))  # its episodes hold no data
         out = {"group_id": group.group_id, "worker": self.core.worker_id, "version_wait_s": waited,
                "incarnation": self.incarnation, **group_numbers(group)}
         lost = env_lost(group)
-        if lost:
-            return {**out, "outcome": "env_lost", "reason": lost[0]}
+        return (None, {**out, "outcome": "env_lost", "reason": lost[0]}) if lost else (group, out)
+
+    async def run_item(self, item: dict[str, Any]) -> dict[str, Any]:
+        """Run one work item and submit its group; the outcome is the learner's ack (or env_lost)."""
+        from protos import learner_pb2 as pb
+
+        group, out = await self._play(item)
+        if group is None:
+            return out
         (ack,) = await asyncio.to_thread(self.client.submit, [group])
         return {**out, "outcome": pb.AckKind.Name(ack.kind).lower(), "reason": ack.reason,
                 "learner_version": int(ack.learner_version)}
+
+    async def run_eval(self, item: dict[str, Any]) -> dict[str, Any]:
+        """Play one validation task (eval.samples episodes at eval.temperature) and return its episode
+        records (env.scoring); nothing goes to the learner."""
+        from env.scoring import episode_record
+
+        group, out = await self._play(item, group_size=self.cfg.eval.samples, temperature=self.cfg.eval.temperature)
+        if group is None:
+            return out
+        return {**out, "outcome": "done",
+                "records": [episode_record(item["task"], t, s) for s, t in enumerate(group.trajectories)]}
 
     def set_learner(self, address: str) -> None:
         """Talk to the learner at `address` from now on (a restarted learner that could not have its

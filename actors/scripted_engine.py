@@ -12,12 +12,14 @@ most `max_tokens` (finish "length"). Logprobs are 0 and every token carries `ver
 sampled them, which is what an SFT trajectory says.
 
 `scripted_trajectories` is the cold-start SFT's data (`weft sft`): scripted episodes of some tasks in
-an in-process env, as ordinary Trajectories.
+an in-process env, as ordinary Trajectories. `scripted_engine` builds one for `weft eval --policy`
+(a picklable factory, so a Ray rollout worker can build it too).
 """
 
 from __future__ import annotations
 
 import asyncio
+import zlib
 from collections import OrderedDict
 from typing import Any, Callable, Optional, Sequence
 
@@ -68,6 +70,9 @@ class ScriptedEngine:
                          stop_reason=ids[-1] if finish == "stop" and ids else None,
                          num_prompt_tokens=len(prompt_token_ids))
 
+    async def shutdown(self) -> None:
+        self._policies.clear()
+
     def turn_ids(self, text: str, sampling: Any = None) -> tuple[list[int], str]:
         """(the ids the engine would return for a turn reading `text`, finish reason)."""
         stops = set(self.stop_ids)
@@ -78,6 +83,35 @@ class ScriptedEngine:
         ids = ids[:cut + 1] if cut is not None else ids + [self.eot_id]
         limit = sampling.max_tokens if sampling is not None else len(ids)
         return (ids, "stop") if len(ids) <= limit else (ids[:limit], "length")
+
+
+POLICIES = ("oracle", "blind")
+
+
+def scripted_engine(policy: str, model_dir: Optional[str] = None, zoom_frames: int = 4, seed: int = 0) -> ScriptedEngine:
+    """The demo-perception oracle or blind policy (env.testing, env.demo) as an engine. The processor is the
+    model's when `model_dir` is given, else a tiny model's built on the spot (no weights are needed)."""
+    from env.demo import demo_perception
+    from env.testing import BlindPolicy, OraclePolicy
+
+    if policy not in POLICIES:
+        raise ValueError(f"unknown policy {policy!r}; one of {POLICIES}")
+    if model_dir:
+        from models.hf import load_processor
+
+        processor = load_processor(model_dir)
+    else:
+        from models.tiny import tiny_processor
+
+        processor = tiny_processor()
+    locate, read = demo_perception()
+
+    def make(key: str) -> Any:
+        i = seed + zlib.crc32(key.encode())  # the episode's own seed: the same whatever order episodes run in
+        return OraclePolicy(locate, read, zoom_frames=zoom_frames, seed=i) if policy == "oracle" \
+            else BlindPolicy(locate, read, seed=i)
+
+    return ScriptedEngine(processor, make)
 
 
 def scripted_trajectories(tasks: Sequence[Any], processor: Any, cfg: Any, episodes: int, *,

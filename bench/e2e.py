@@ -52,7 +52,7 @@ def prepare(work: Path) -> tuple[Path, Path]:
 def run(staleness: int, data: Path, model: Path, steps: int, work: Path, extra: list[str]) -> dict:
     run_dir = work / f"run_s{staleness}"
     cmd = [sys.executable, "train.py", "--config", "configs/demo.yaml", "--model", str(model), "--run-dir", str(run_dir),
-           f"data.path={data / 'tasks.jsonl'}", f"learner.max_staleness={staleness}", f"trainer.total_steps={steps}",
+           f"data.path={data / 'tasks.jsonl'}", "data.val_path=null", f"learner.max_staleness={staleness}", f"trainer.total_steps={steps}",
            "trainer.checkpoint_every=0", "trainer.sample_every=0", "trainer.tensorboard=false", "run.display=none", *extra]
     env = {**os.environ, "RAY_TMPDIR": tempfile.mkdtemp(prefix="wbe", dir="/tmp")}
     t0 = time.time()

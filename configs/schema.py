@@ -80,6 +80,7 @@ class DataConfig:
     """Where tasks come from."""
 
     path: str = f("data/demo/tasks.jsonl", "JSONL task file (one task a line); video paths are relative to it.")
+    val_path: Optional[str] = f(None, "Held-out JSONL task file validated during training (trainer.val_every), with the run's agent loop and the eval settings (eval.*); None = no validation.")
 
 
 @dataclass
@@ -170,12 +171,25 @@ class TrainerConfig:
     resume: str = f("auto", "auto (continue from the newest complete checkpoint under run_dir, else start fresh) | never | a checkpoint directory.")
     run_dir: Optional[str] = f(None, "Where everything of a run goes: config.yaml, metrics.jsonl, tb/, checkpoints/, trajectories/. None = runs/<local timestamp> (resolved once at start and saved with the config).")
     tensorboard: bool = f(True, "Also write metrics as TensorBoard events under run_dir/tb.")
+    val_every: int = f(0, "Validate on data.val_path every this many steps (and at the last step): training pauses at the step, every validation task runs on the rollout workers with that step's weights, and val/... metrics are logged at that step. 0 = never.", min=0)
+    val_before_train: bool = f(False, "Also validate before the first step (step 0: the starting model), when data.val_path is set.")
     sft_lr: float = f(1e-4, "Cold-start SFT learning rate.", min=0.0)
     sft_steps: int = f(100, "Cold-start SFT optimizer steps.", min=1)
     sft_batch_size: int = f(4, "Trajectories per SFT step.", min=1)
     sft_episodes: int = f(32, "Scripted-policy episodes rendered into the SFT data (cycling over the tasks).", min=1)
     sft_zoom_frames: int = f(4, "Frames the oracle policy asks temporal_zoom for in SFT episodes (fewer = shorter trajectories).", min=1, max=256)
     sft_eval_turns: int = f(16, "Held-out model turns on which `weft sft` measures the valid-action rate before and after; 0 skips it.", min=0)
+
+
+@dataclass
+class EvalConfig:
+    """`weft eval` and validation during training: how each task is played and scored (actors/evaluator.py)."""
+
+    samples: int = f(1, "K: episodes per task. Accuracy is mean@K (the mean over tasks of the fraction right); pass@k is reported for k = 1, 2, 4, ... up to K.", min=1, max=1024)
+    temperature: float = f(0.0, "Sampling temperature of evaluation episodes; 0 is greedy (then K > 1 repeats the same episode).", min=0.0, max=2.0)
+    concurrent_tasks: int = f(4, "Tasks one engine plays at once (K episodes each, sharing their prompt's prefill).", min=1)
+    view_episodes: int = f(16, "Episodes drawn in `weft eval`'s viewer page (view.html); 0 writes none.", min=0)
+    no_tools_prompt: str = f("You answer questions about a video from the frames you are shown. Give the final answer inside <answer></answer>.", "System prompt of the no-tools baseline (`weft eval --no-tools`): one turn, N uniform frames, an answer.")
 
 
 @dataclass
@@ -201,6 +215,7 @@ class WeftConfig:
     learner: LearnerConfig = f(factory=LearnerConfig, help="Learner service and its client.")
     rollout: RolloutConfig = f(factory=RolloutConfig, help="Rollout workers and sampling.")
     trainer: TrainerConfig = f(factory=TrainerConfig, help="Training loop, checkpoints and cold-start SFT.")
+    eval: EvalConfig = f(factory=EvalConfig, help="Evaluation (`weft eval`) and validation during training.")
     run: RunConfig = f(factory=RunConfig, help="The `weft train` driver: pools, fault tolerance, display.")
     model: Optional[str] = f(None, "HF model directory the run starts from (the tiny demo model, or e.g. a local copy of Qwen2.5-VL-7B-Instruct). `weft train --model` overrides it.")
     seed: int = f(0, "Global seed.")

@@ -294,6 +294,7 @@ def make_task(index: int, seed: int, seconds: float, fps: float, size: tuple[int
 # pays: seed 13's tasks answer C in 5 of 8, the cold-start set (seed 7) answers each letter twice.
 DEMO_RL = {"videos": 8, "seconds": 30.0, "seed": 13}
 DEMO_COLDSTART = {"videos": 8, "seconds": 12.0, "seed": 7}
+DEMO_VAL = {"videos": 8, "seconds": 30.0, "seed": 21}  # held out from both: validation during the demo's training
 
 
 def make_demo_data(out_dir: str | Path, videos: int = 8, seconds: float = 60.0, seed: int = 0,

@@ -114,7 +114,8 @@ class VideoToolEnv:
             lines.append("Answer with the option's letter, e.g. <answer>A</answer>.")
         else:
             lines.append("Answer inside <answer>...</answer>.")
-        lines.append("The overview is coarse: use the tools to look closer before answering.")
+        lines.append("The overview is coarse: use the tools to look closer before answering." if self.toolset
+                     else "Answer from these frames.")
         return Observation("\n".join(lines), frames), self._info(ep, overview_frames=len(frames))
 
     def overview_count(self, task: Task, seed: Optional[int] = None) -> int:

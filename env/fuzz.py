@@ -52,7 +52,7 @@ def fuzz_actions(rng: random.Random, n: int, *, duration: float = 60.0,
                  tools: Optional[Sequence[dict]] = None) -> list[str]:
     """n adversarial turn texts drawn from `rng` (pass a seeded Random to reproduce a run). `tools` are the
     schemas of the tools to aim at (an env's `tools`; default: the built-ins)."""
-    if tools is None:
+    if not tools:  # no tools of its own (a no-tools env): aim at the built-ins, which that env must refuse
         from configs.schema import EnvConfig
         from env.tools import builtin_tools
 

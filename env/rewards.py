@@ -38,6 +38,9 @@ _ARTICLES_RE = re.compile(r"\b(a|an|the)\b")
 _PUNCT_RE = re.compile(r"[^\w\s]|_")
 _SPACE_RE = re.compile(r"\s+")
 _NUMBER_RE = re.compile(r"[-+]?(?:\d{1,3}(?:,\d{3})+|\d+)(?:\.\d+)?(?:[eE][-+]?\d+)?|[-+]?\.\d+")
+_NAMED_RE = re.compile(r"(?:answer|option|choice)\s*(?:is|:)?\s*[:\-]?\s*(\([A-Za-z]\)|\[[A-Za-z]\]|[A-Za-z](?![\w']))", re.IGNORECASE)
+_TRAILING_RE = re.compile(r"(?:^|\s)\(?[A-Z]\)?[.!]?\s*$")  # a capital letter alone at the very end
+_LONE_LETTER_RE = re.compile(r"(?<![\w'])\(?([A-Z])\)?(?![\w'])")
 _LEAD_IN_RE = re.compile(r"^\s*(?:(?:the\s+)?(?:final\s+)?answer\s*(?:is|:)?|option|choice)\s*[:\-]?\s*", re.IGNORECASE)
 # A letter label and what follows it: "(B) ...", "[B] ...", "B. ...", "B) ...", "B: ...", or "B" alone.
 # A letter followed by a plain space ("A red car") is not a label: there it is usually an article.
@@ -71,10 +74,9 @@ def _match(pred: Optional[str], answer: str, options: Optional[list[str]]) -> bo
         return False
     pred, answer = str(pred), str(answer)
     if options:
-        texts = [_option_text(o, i) for i, o in enumerate(options)]
-        gold = _choice_index(answer, texts)
+        gold = choice_of(answer, options)
         if gold is not None:
-            return _choice_index(pred, texts) == gold
+            return choice_of(pred, options) == gold
     elif _letter(answer, 26) is not None and len(answer.strip(" ()[].:")) == 1:
         # A letter answer with no option list: compare letters.
         return _letter(pred, 26) == _letter(answer, 26)
@@ -83,6 +85,27 @@ def _match(pred: Optional[str], answer: str, options: Optional[list[str]]) -> bo
         got = _number_in(pred)
         return got is not None and math.isclose(got, gold_num, rel_tol=NUMERIC_REL_TOL, abs_tol=1e-12)
     return normalize_text(pred) == normalize_text(answer) != ""
+
+
+def choice_of(text: Optional[str], options: list[str]) -> Optional[int]:
+    """Which option `text` picks, from the forms models write: "B", "(B)", "B.", "B) red car", "Answer: B",
+    "The answer is B", the option's text, or a sentence that names one ("... so the answer is (B).",
+    "I think it is B."). None when it names none. Never raises."""
+    try:
+        if text is None or not options:
+            return None
+        texts = [_option_text(o, i) for i, o in enumerate(options)]
+        s = str(text).strip()
+        found = _choice_index(s, texts)
+        if found is None:
+            named = _NAMED_RE.findall(s)  # the last "answer is X" of a longer text
+            found = _letter(named[-1], len(texts)) if named else None
+        if found is None and _TRAILING_RE.search(s):  # "... it is B.": the one option letter, closing the text
+            letters = {m.upper() for m in _LONE_LETTER_RE.findall(s) if ord(m.upper()) - 65 < len(texts)}
+            found = ord(letters.pop()) - 65 if len(letters) == 1 else None
+        return found
+    except Exception:  # noqa: BLE001 - a reward or a score must not die over one odd string
+        return None
 
 
 def _option_text(option: str, i: int) -> str:

@@ -11,7 +11,7 @@ from __future__ import annotations
 import json
 import math
 from pathlib import Path
-from typing import Any
+from typing import Any, Optional
 
 from env.types import Caption, Task
 
@@ -22,8 +22,9 @@ class TaskFileError(ValueError):
     """A task file has bad lines; the message lists each by line number."""
 
 
-def load_tasks(path: str | Path) -> list[Task]:
-    """Read and validate a JSONL task file. Raises TaskFileError naming every bad line."""
+def load_tasks(path: str | Path, *, bad_lines: Optional[list[str]] = None) -> list[Task]:
+    """Read and validate a JSONL task file. Raises TaskFileError naming every bad line, unless `bad_lines`
+    is a list: then they are appended there and the good tasks returned (`weft eval` goes on without them)."""
     path = Path(path)
     if not path.is_file():
         raise TaskFileError(f"{path}: no such task file")
@@ -41,7 +42,9 @@ def load_tasks(path: str | Path) -> list[Task]:
             continue
         seen.add(task.id)
         tasks.append(task)
-    if problems:
+    if problems and bad_lines is not None:
+        bad_lines.extend(problems)
+    elif problems:
         raise TaskFileError(f"{path}: {len(problems)} bad line(s):\n  " + "\n  ".join(problems))
     return tasks
 

@@ -191,6 +191,4 @@ def resolve_tools(specs: Sequence[str], builtins: dict[str, Tool]) -> dict[str, 
         if tool.name in out:
             raise ValueError(f"env.tools names the tool {tool.name!r} twice")
         out[tool.name] = tool
-    if not out:
-        raise ValueError("env.tools is empty: an episode needs at least one tool")
-    return out
+    return out  # empty is allowed: the no-tools baseline (`weft eval --no-tools`) answers from the overview

@@ -64,6 +64,11 @@ TRAINER_HELP = {
     "time/train_s": "forward, backward and optimizer updates",
     "time/publish_s": "gathering (sharded) and cutting the new weights into chunks for the rollout workers",
     "time/checkpoint_s": "saving a checkpoint (0 on steps without one)",
+    "validation": "1 on a validation row (written by the driver between steps; the step's training row is separate)",
+    "val/<term>": "validation on data.val_path with the step's weights (trainer.val_every): accuracy (mean@K), pass@k, "
+                  "mean_frames, mean_tool_calls, mean_turns, failed, tasks, seconds, version (the step's weights), "
+                  "policy_version_min/max (the versions that sampled its tokens: equal to version), and accuracy "
+                  "per task category as val/<category key>/<value>",
     "sft/loss": "SFT: mean negative log-likelihood of the model-turn tokens",
     "sft/token_acc": "SFT: fraction of model-turn tokens the model ranks first",
     "sft/tokens": "SFT: model-turn (loss) tokens in the step",
@@ -155,7 +160,7 @@ LEARNING_KEYS = ("reward_mean", "accuracy", "reward/format", "reward/tool", "rew
 
 
 def read_metrics(run_dir: str | Path) -> list[dict[str, Any]]:
-    """The trained steps of run_dir/metrics.jsonl (skipped steps left out), in order."""
+    """The trained steps of run_dir/metrics.jsonl (skipped steps and validation rows left out), in order."""
     path = Path(run_dir) / "metrics.jsonl"
     if not path.is_file():
         return []
@@ -165,7 +170,7 @@ def read_metrics(run_dir: str | Path) -> list[dict[str, Any]]:
             row = json.loads(line)
         except ValueError:
             continue  # a line cut by a kill
-        if not row.get("skipped"):
+        if not row.get("skipped") and not row.get("validation"):
             rows.append(row)
     return rows
 

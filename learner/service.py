@@ -91,6 +91,12 @@ class LearnerService:
         """Group ids this learner has accepted (restored from its checkpoint after a restart)."""
         return self.server.buffer.seen_ids()
 
+    def log_metrics(self, step: int, metrics: dict[str, Any]) -> None:
+        """Metrics the driver measured (validation, `validation: 1` rows) into the run's metrics.jsonl and
+        TensorBoard, beside the steps' own."""
+        if self.trainer.metrics is not None:
+            self.trainer.metrics.log(step, {**metrics, "validation": 1})
+
     def done(self) -> bool:
         return self._thread is not None and not self._thread.is_alive()
 

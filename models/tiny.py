@@ -93,6 +93,16 @@ def build_tokenizer(seed: int = 0, vocab_size: int = VOCAB_SIZE, chat_template: 
                                    clean_up_tokenization_spaces=False)
 
 
+def tiny_processor(seed: int = 0, family: str = "qwen2_5_vl") -> Any:
+    """The processor (tokenizer trained on the spot + image processor) a tiny model of `family` ships with,
+    without the model: what a scripted policy needs to play episodes token-in/token-out (`weft eval --policy`)."""
+    ensure_torchvision()
+    from models.adapters import families
+
+    adapter = families()[family]
+    return adapter.tiny_processor(build_tokenizer(seed, chat_template=adapter.chat_template), adapter.chat_template)
+
+
 def make_tiny_model(out_dir: str | Path, seed: int = 0, family: str = "qwen2_5_vl") -> Path:
     """Write a tiny random model of `family` (config, safetensors, tokenizer, processor) to `out_dir`."""
     ensure_torchvision()

@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # The main job on a fresh machine: install, then a real (short) training run end to end:
 # demo data -> tiny model -> cold-start SFT on oracle episodes -> GRPO on Ray (2 rollout workers,
-# 1 env actor, the learner) -> summary table + a trajectory viewer page.
+# 1 env actor, the learner; validation on a held-out set every 10 steps) -> summary tables + a
+# trajectory viewer page.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/install.sh
@@ -16,9 +17,11 @@ t0=$(date +%s)
 # leaves the RL tasks' answers for GRPO to find.
 $WEFT make-demo-data --out "$DATA" --videos 8 --seconds 30 --seed 13
 $WEFT make-demo-data --out "$DATA/coldstart" --videos 8 --seconds 12 --seed 7
+$WEFT make-demo-data --out "$DATA/val" --videos 8 --seconds 30 --seed 21  # held out: validation during training
 $WEFT check-env --data "$DATA" --policy oracle --episodes 8 --check --config configs/demo.yaml | tail -c 300; echo
 [ -f "$TINY/config.json" ] || $WEFT make-tiny-model --out "$TINY" --seed 0 --family "$FAMILY"
 [ -f "$TINY-sft/config.json" ] || $WEFT sft --model "$TINY" --data "$DATA/coldstart" --config configs/demo.yaml --out "$TINY-sft"
-$WEFT train --config configs/demo.yaml --model "$TINY-sft" --run-dir "$RUN" data.path="$DATA/tasks.jsonl" "$@"
+$WEFT train --config configs/demo.yaml --model "$TINY-sft" --run-dir "$RUN" data.path="$DATA/tasks.jsonl" \
+  data.val_path="$DATA/val/tasks.jsonl" "$@"
 $WEFT view "$RUN" --out "$RUN/view.html"
 echo "demo finished in $(( $(date +%s) - t0 )) s: run dir $RUN, viewer page $RUN/view.html"

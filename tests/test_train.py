@@ -41,7 +41,8 @@ def start_train(run_dir: Path, data: Path, model: Path, *overrides: str) -> tupl
     log = run_dir.parent / f"{run_dir.name}.log"
     ray_tmp = tempfile.mkdtemp(prefix="wtr", dir="/tmp")  # Ray's socket paths must stay short
     cmd = [sys.executable, "train.py", "--config", "configs/demo.yaml", "--model", str(model), "--run-dir", str(run_dir),
-           f"data.path={data / 'tasks.jsonl'}", "run.display=log", "trainer.tensorboard=false", *overrides]
+           f"data.path={data / 'tasks.jsonl'}", "data.val_path=null", "run.display=log", "trainer.tensorboard=false",
+           *overrides]
     proc = subprocess.Popen(cmd, cwd=ROOT, stdout=open(log, "wb"), stderr=subprocess.STDOUT,
                             env={**os.environ, "RAY_TMPDIR": ray_tmp, "RAY_DEDUP_LOGS": "0"})
     return proc, log, ray_tmp
@@ -85,9 +86,22 @@ def ray_pids(title: str) -> list[int]:
 
 
 def cpu_seconds(pid: int) -> float:
-    """User + system CPU seconds a process has used so far (/proc/PID/stat, clock ticks)."""
+    """User + system CPU seconds a process and its live children have used so far (/proc/PID/stat, clock
+    ticks). A rollout worker generates in its vLLM engine-core child process, so the child's time counts."""
     fields = proc_stat(pid)
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+    own = (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+    return own + sum(cpu_seconds(c) for c in children(pid))
+
+
+def children(pid: int) -> list[int]:
+    """Live child processes of `pid` (forked by any of its threads)."""
+    out = []
+    for task in Path(f"/proc/{pid}/task").glob("*"):
+        try:
+            out += [int(c) for c in (task / "children").read_text().split()]
+        except (FileNotFoundError, ProcessLookupError):
+            continue
+    return out
 
 
 def alive_cpu(pids) -> dict[int, float]:
@@ -170,13 +184,17 @@ def test_killed_rollout_worker_and_env_actor_run_finishes_with_every_group_accou
     assert sorted(p.name for p in (run_dir / "trajectories").iterdir()) == ["step_000003.msgpack", "step_000006.msgpack"]
 
 
-def test_shortened_demo_learns(demo_sft, tmp_path):
-    """The demo's GRPO phase, shortened: the mean reward rises from the first to the last steps."""
+def test_shortened_demo_learns(demo_sft, short_demo_dir, tmp_path):
+    """The demo's GRPO phase, shortened: the mean reward rises from the first to the last steps. It
+    validates on a held-out set as the demo does (before training and every 6 steps), each time with
+    exactly that step's weights."""
     data, model = demo_sft
     run_dir = tmp_path / "run"
     # Twice the demo's learning rate: the demo spreads its rise over 30 steps, this run has 12.
     proc, log, _ = start_train(run_dir, data, model, "trainer.total_steps=12", "trainer.checkpoint_every=0",
-                               "trainer.sample_every=0", "trainer.lr=5e-5")
+                               "trainer.sample_every=0", "trainer.lr=5e-5",
+                               f"data.val_path={short_demo_dir / 'tasks.jsonl'}", "trainer.val_every=6",
+                               "trainer.val_before_train=true")
     try:
         finish(proc, log, timeout=900)
     finally:
@@ -197,6 +215,15 @@ def test_shortened_demo_learns(demo_sft, tmp_path):
     # ... without giving up the action format the SFT taught (0.2 is its ceiling; a collapse, as seen
     # once from a weaker SFT, took it below 0).
     assert learned["reward/format"]["last_mean"] > 0.1, learned
+    rows = [json.loads(x) for x in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    val = [r for r in rows if r.get("validation")]
+    assert [r["step"] for r in val] == [0, 6, 12], val
+    version_at = {0: 0, **{r["step"]: r["version"] for r in rows if not r.get("validation") and not r.get("skipped")}}
+    for r in val:
+        assert r["val/tasks"] == 2 and 0.0 <= r["val/accuracy"] <= 1.0 and r["val/failed"] == 0, r
+        assert r["val/version"] == r["val/policy_version_min"] == r["val/policy_version_max"] == version_at[r["step"]], r
+    assert [v["step"] for v in summary["validation"]] == [0, 6, 12]
+    print("\nvalidation accuracy by step:", [(v["step"], v["accuracy"]) for v in summary["validation"]])
 
 
 def test_killed_learner_rank_the_group_resumes_from_its_checkpoint_and_loses_no_group(demo_sft, tmp_path):
@@ -289,7 +316,8 @@ def test_a_users_tool_and_reward_run_in_check_env_and_in_train_on_ray(demo_sft, 
     log = run_dir.parent / "run.log"
     ray_tmp = tempfile.mkdtemp(prefix="wtr", dir="/tmp")
     proc = subprocess.Popen([sys.executable, "train.py", "--config", "configs/demo.yaml", "--model", str(model),
-                             "--run-dir", str(run_dir), f"data.path={data / 'tasks.jsonl'}", "run.display=log",
+                             "--run-dir", str(run_dir), f"data.path={data / 'tasks.jsonl'}", "data.val_path=null",
+                             "run.display=log",
                              "trainer.tensorboard=false", "trainer.total_steps=3", "trainer.sample_every=1",
                              "trainer.checkpoint_every=0", *plug],
                             cwd=ROOT, stdout=open(log, "wb"), stderr=subprocess.STDOUT,
