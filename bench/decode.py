@@ -9,6 +9,11 @@
     decodes up to the last needed frame (skip_frames, converting only the last frame).
 (3) Zoom then crop: a temporal zoom followed by a spatial crop of one of its frames, for each
     resize strategy: decord-scaled readers vs native decode (cached) + OpenCV resize.
+(4) The PyAV backend (env.video_backend=pyav; what AV1 files get) on the same H.264 file and
+    on a variable-frame-rate re-encode of it: (1) against naive PyAV (a container per request,
+    a seek and decode per frame, scaled by swscale) and (2) against PyAV's single-GOP floor (a
+    fresh container that seeks to the keyframe and decodes to the last needed frame), and its
+    shared-decoder times as a ratio to decord's on the same file.
 
 Medians over --reps repetitions; the last line is JSON with the numbers.
     python bench/decode.py [--data tasks.jsonl] [--task 0] [--reps 5]
@@ -50,25 +55,25 @@ def medians(cands: dict[str, tuple[Callable[..., object], Optional[Callable[[], 
     return {k: statistics.median(v) for k, v in times.items()}
 
 
-def known_decoder(path: str, resize: str) -> FrameDecoder:
+def known_decoder(path: str, resize: str, backend: str = "auto") -> FrameDecoder:
     """A fresh decoder (empty cache, no reader) that has already probed `path`."""
-    dec = FrameDecoder(resize=resize)
+    dec = FrameDecoder(resize=resize, backend=backend)
     dec.info(path)
     return dec
 
 
-def window(fps: float, n: int, start: float, seconds: float, k: int) -> list[int]:
+def window(info, start: float, seconds: float, k: int) -> list[int]:
     """k frame indices spread over [start, start + seconds), as temporal_zoom samples them."""
-    return sorted({min(n - 1, int((start + (j + 0.5) * seconds / k) * fps)) for j in range(k)})
+    return sorted({info.index_at(start + (j + 0.5) * seconds / k) for j in range(k)})
 
 
 def group_requests(info, evidence_start: float) -> list[tuple[list[int], tuple[int, int]]]:
     """One episode's decode requests: overview, a zoom on the evidence, a zoom elsewhere."""
-    n, fps, dur = info.num_frames, info.fps, info.duration
-    overview = sorted({min(n - 1, int((i + 0.5) * dur / 8 * fps)) for i in range(8)})
+    dur = info.duration
+    overview = sorted({info.index_at((i + 0.5) * dur / 8) for i in range(8)})
     z1_start = min(max(0.0, evidence_start - 3.0), dur - 10.0)
     z2_start = (z1_start + dur / 2) % max(1.0, dur - 10.0)
-    return [(overview, OVERVIEW), (window(fps, n, z1_start, 10.0, 16), ZOOM), (window(fps, n, z2_start, 10.0, 16), ZOOM)]
+    return [(overview, OVERVIEW), (window(info, z1_start, 10.0, 16), ZOOM), (window(info, z2_start, 10.0, 16), ZOOM)]
 
 
 def bench_group(path: str, evidence_start: float, reps: int, g: int = 8) -> dict:
@@ -99,8 +104,7 @@ def bench_group(path: str, evidence_start: float, reps: int, g: int = 8) -> dict
 
 def bench_zoom(path: str, start_s: float, reps: int) -> dict:
     info = FrameDecoder().info(path)
-    idx = window(info.fps, info.num_frames, start_s, 10.0, 16)
-    key = max(k for k in info.keyframes if k <= idx[0])
+    idx = window(info, start_s, 10.0, 16)
     # Per GOP the window touches: its keyframe and the last needed frame in it. A decoder cannot
     # do less than walk each of these spans once (a span crossing a keyframe restarts there).
     spans = sorted({max(k for k in info.keyframes if k <= i): i for i in idx}.items())
@@ -131,7 +135,7 @@ def bench_zoom(path: str, start_s: float, reps: int) -> dict:
 
 def bench_zoom_crop(path: str, start_s: float, reps: int) -> dict:
     info = FrameDecoder().info(path)
-    idx = window(info.fps, info.num_frames, start_s, 10.0, 16)
+    idx = window(info, start_s, 10.0, 16)
 
     def run(dec: FrameDecoder) -> None:
         dec.frames(path, idx, size=ZOOM)
@@ -139,6 +143,96 @@ def bench_zoom_crop(path: str, start_s: float, reps: int) -> dict:
 
     m = medians({k: (run, lambda k=k: known_decoder(path, k)) for k in ("native", "decoder")}, reps)
     return {k: {"zoom_then_crop_s": v} for k, v in m.items()}
+
+
+def pyav_frames(path: str, info, indices: list[int], size: tuple[int, int]) -> None:
+    """Naive PyAV: a fresh container; for each index a seek to it and a decode up to its pts."""
+    import av
+
+    with av.open(path) as c:
+        st = c.streams.video[0]
+        st.thread_count = 1  # as the shared decoder's readers (num_threads=1)
+        for i in indices:
+            c.seek(int(info.pts[i]), stream=st, backward=True)
+            for f in c.decode(st):
+                if f.pts >= info.pts[i]:
+                    f.to_ndarray(format="rgb24", width=size[0], height=size[1])
+                    break
+
+
+def pyav_floor(path: str, info, spans: list[tuple[int, int]], size: tuple[int, int]) -> None:
+    """PyAV's single-GOP floor: per GOP span, seek to its keyframe and decode to its last needed
+    frame, converting only that one."""
+    import av
+
+    with av.open(path) as c:
+        st = c.streams.video[0]
+        st.thread_count = 1  # as the shared decoder's readers (num_threads=1)
+        for k, last in spans:
+            c.seek(int(info.pts[k]), stream=st, backward=True)
+            for f in c.decode(st):
+                if f.pts >= info.pts[last]:
+                    f.to_ndarray(format="rgb24", width=size[0], height=size[1])
+                    break
+
+
+def bench_pyav(path: str, evidence_start: float, start_s: float, reps: int, g: int = 8) -> dict:
+    """(4): the PyAV backend's group sharing and zoom floor, and its times against decord's."""
+    info = FrameDecoder(backend="pyav").info(path)
+    reqs = group_requests(info, evidence_start)
+    idx = window(info, start_s, 10.0, 16)
+    spans = sorted({max(k for k in info.keyframes if k <= i): i for i in idx}.items())
+
+    def group(backend: str) -> Callable[[], None]:
+        def run() -> None:
+            dec = FrameDecoder(backend=backend)
+            for _ in range(g):
+                for ix, size in reqs:
+                    dec.frames(path, ix, size=size)
+        return run
+
+    def naive() -> None:
+        for _ in range(g):
+            for ix, size in reqs:
+                pyav_frames(path, info, ix, size)
+
+    def zoom(dec: FrameDecoder) -> None:
+        dec.frames(path, idx, size=ZOOM)
+
+    m = medians({"pyav": (group("pyav"), None), "decord": (group("auto"), None), "naive": (naive, None),
+                 **{f"zoom_pyav_{r}": (zoom, lambda r=r: known_decoder(path, r, "pyav")) for r in ("native", "decoder")},
+                 **{f"zoom_decord_{r}": (zoom, lambda r=r: known_decoder(path, r, "auto")) for r in ("native", "decoder")},
+                 "floor": (lambda: pyav_floor(path, info, spans, ZOOM), None)}, reps)
+    return {"cfr": info.cfr, "group": {"naive_s": m["naive"], "shared_s": m["pyav"], "speedup": m["naive"] / m["pyav"],
+                                       "decord_shared_s": m["decord"], "pyav_over_decord": m["pyav"] / m["decord"]},
+            "zoom": {r: {"zoom_s": m[f"zoom_pyav_{r}"], "ratio": m[f"zoom_pyav_{r}"] / m["floor"],
+                         "decord_zoom_s": m[f"zoom_decord_{r}"],
+                         "pyav_over_decord": m[f"zoom_pyav_{r}"] / m[f"zoom_decord_{r}"]} for r in ("native", "decoder")}
+            | {"floor_s": m["floor"], "gop_spans": spans}}
+
+
+def vfr_copy(path: str, out: Path) -> str:
+    """The same pictures re-encoded at a variable rate: frame durations cycle 1, 1, 2 source frames."""
+    import av
+
+    from env.demo import write_video
+
+    with av.open(path) as c:
+        frames = [f.to_ndarray(format="rgb24") for f in c.decode(video=0)]
+        fps = float(c.streams.video[0].average_rate)
+    steps = [(1, 1, 2)[i % 3] / fps for i in range(len(frames))]
+    times = [sum(steps[:i]) for i in range(len(frames))]
+    return str(write_video(out, frames, fps, times=times))
+
+
+def print_pyav(name: str, r: dict) -> None:
+    grp, z = r["group"], r["zoom"]
+    print(f"(4) PyAV backend, {name}{'' if r['cfr'] else ' (variable frame rate)'}: group of 8 "
+          f"{grp['shared_s'] * 1e3:.0f} ms vs naive PyAV {grp['naive_s'] * 1e3:.0f} ms = {grp['speedup']:.1f}x "
+          f"(goal >= 4x), {grp['pyav_over_decord']:.2f}x decord's {grp['decord_shared_s'] * 1e3:.0f} ms; zoom vs PyAV "
+          f"floor {z['floor_s'] * 1e3:.0f} ms: " + ", ".join(
+              f"{r} {z[r]['zoom_s'] * 1e3:.0f} ms = {z[r]['ratio']:.2f}x ({z[r]['pyav_over_decord']:.2f}x decord's "
+              f"{z[r]['decord_zoom_s'] * 1e3:.0f} ms)" for r in ("native", "decoder")) + " (goal <= 1.2x)")
 
 
 def main(argv: list[str] | None = None) -> dict:
@@ -177,6 +271,10 @@ def main(argv: list[str] | None = None) -> dict:
                   + " (goal <= 1.2x)")
         print("(3) zoom then a crop of one of its frames: "
               + ", ".join(f"{k} {zc[k]['zoom_then_crop_s'] * 1e3:.0f} ms" for k in ("native", "decoder")))
+        out["pyav_h264"] = bench_pyav(path, ev, start, args.reps)
+        print_pyav("same H.264 file", out["pyav_h264"])
+        out["pyav_vfr"] = bench_pyav(vfr_copy(path, Path(tmp) / "vfr.mp4"), ev, start, args.reps)
+        print_pyav("H.264 re-encoded at a variable rate", out["pyav_vfr"])
         print(json.dumps(out, sort_keys=True))
         return out
 

@@ -204,8 +204,11 @@ def render_frames(seed: int, n_frames: int, fps: float, size: tuple[int, int],
 # ------------------------------------------------------------------ encoding
 
 def write_video(path: str | Path, frames: Iterable[np.ndarray], fps: float, gop: int = 250,
-                crf: int = 20, preset: str = "veryfast") -> Path:
-    """Encode RGB frames to H.264 mp4 with PyAV's libx264: a keyframe every `gop` frames, no scene cuts."""
+                crf: int = 20, preset: str = "veryfast", times: Optional[Sequence[float]] = None) -> Path:
+    """Encode RGB frames to H.264 mp4 with PyAV's libx264: a keyframe every `gop` frames, no scene cuts.
+
+    times: when each frame is shown (seconds, increasing), for a variable-frame-rate file;
+    default i / fps."""
     import av
 
     path = Path(path)
@@ -219,11 +222,16 @@ def write_video(path: str | Path, frames: Iterable[np.ndarray], fps: float, gop:
                 stream.height, stream.width = arr.shape[:2]
                 stream.pix_fmt = "yuv420p"
                 stream.codec_context.gop_size = gop
+                if times is not None:  # a fine clock, so the encoder keeps each frame's own time
+                    stream.codec_context.time_base = stream.time_base = Fraction(1, 90000)
                 # scenecut=0: no extra keyframes, so GOPs are as long as real footage's.
                 stream.options = {"preset": preset, "crf": str(crf),
                                   "x264-params": f"keyint={gop}:min-keyint={gop}:scenecut=0"}
             frame = av.VideoFrame.from_ndarray(np.ascontiguousarray(arr), format="rgb24")
-            frame.pts, frame.time_base = i, 1 / rate
+            if times is None:
+                frame.pts, frame.time_base = i, 1 / rate
+            else:
+                frame.pts, frame.time_base = round(times[i] * 90000), Fraction(1, 90000)
             out.mux(stream.encode(frame))
         if stream is None:
             raise ValueError(f"write_video({path}): no frames given")

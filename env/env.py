@@ -86,7 +86,7 @@ class VideoToolEnv:
             raise TypeError(f"unknown VideoToolEnv option(s) {sorted(unknown)}; see configs.EnvConfig")
         self.cfg = dataclasses.replace(cfg, **overrides)
         self.reward_cfg = reward_cfg or RewardConfig()
-        self.decoder = decoder or get_decoder(self.cfg.cache_bytes, self.cfg.reader_pool_size)
+        self.decoder = decoder or get_decoder(self.cfg.cache_bytes, self.cfg.reader_pool_size, self.cfg.video_backend)
         self.toolset = tools if tools is not None else load_tools(self.cfg)
         self.reward_fn = reward if reward is not None else load_reward(self.reward_cfg)
         self.tools = [t.schema for t in self.toolset.values()]  # what the chat template shows the model

@@ -39,7 +39,7 @@ class LocalEnv:
 
         self.cfg = cfg or EnvConfig()
         self.reward_cfg = reward_cfg or RewardConfig()
-        self.decoder = get_decoder(self.cfg.cache_bytes, self.cfg.reader_pool_size)
+        self.decoder = get_decoder(self.cfg.cache_bytes, self.cfg.reader_pool_size, self.cfg.video_backend)
         self.toolset = load_tools(self.cfg)
         self.reward = load_reward(self.reward_cfg)
         self._pool = ThreadPoolExecutor(max_workers=max(1, self.cfg.decode_threads), thread_name_prefix="weft-env")

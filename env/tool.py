@@ -109,16 +109,16 @@ class EpisodeVideo:
     _index: Any = None
 
     def __post_init__(self) -> None:
-        info = self.decoder.info(self.path)
+        self.info = info = self.decoder.info(self.path)
         self.duration, self.fps, self.num_frames = info.duration, info.fps, info.num_frames
         self.width, self.height = info.width, info.height
 
     def index_for_time(self, t: float) -> int:
-        """The index of the frame shown at t seconds (clamped into the video)."""
+        """The index of the frame shown at t seconds: the last frame whose pts <= t (clamped into the video)."""
         t = float(t)
         if not math.isfinite(t):
             raise ToolError(f"time must be finite, got {t!r}")
-        return min(max(int(math.floor(t * self.fps)), 0), self.num_frames - 1)
+        return self.info.index_at(t)
 
     def get_frames(self, times: Sequence[float], size: Optional[tuple[int, int]] = None,
                    crop: Optional[tuple[float, float, float, float]] = None) -> tuple[list[np.ndarray], np.ndarray]:
@@ -136,10 +136,11 @@ class EpisodeVideo:
         images = self.decoder.frames(self.path, indices, size=size, crop=crop)
         crop_t = tuple(float(c) for c in crop) if crop else (0.0, 0.0, 1.0, 1.0)
         for idx, img in zip(indices, images):
-            ref = FrameRef(video=self.path, frame_index=idx, time=idx / self.fps, crop=crop_t,
+            t = self.info.time_of(idx)
+            ref = FrameRef(video=self.path, frame_index=idx, time=t, crop=crop_t,
                            size=(img.shape[1], img.shape[0]), content_hash=content_hash(img))
-            self._served[id(img)] = Frame(image=img, time=idx / self.fps, ref=ref)
-        return list(images), np.asarray(indices, np.float64) / self.fps
+            self._served[id(img)] = Frame(image=img, time=t, ref=ref)
+        return list(images), np.asarray([self.info.time_of(i) for i in indices], np.float64)
 
     def search(self, query: str, top_k: int) -> list[tuple[Caption, float]]:
         """The captions that best match `query` (BM25), best first; ToolError when there are none."""

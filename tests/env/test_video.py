@@ -1,4 +1,5 @@
-"""env/video.py on real H.264 files decoded by real decord 0.6.0.
+"""env/video.py on real H.264 files decoded by real decord 0.6.0 (and, where marked, by PyAV;
+tests/env/test_video_formats.py covers other codecs, VFR and rotation).
 
 Test videos carry their frame index as 10 binary blocks on the top row, so every returned
 frame can be checked to be exactly the one asked for; the rest of the frame is four
@@ -240,9 +241,11 @@ def test_keyframe_aware_order_walks_less_and_returns_the_same_frames(media):
 
 # ------------------------------------------------------------------ threads
 
-def test_threads_hammering_get_correct_frames(media):
+@pytest.mark.parametrize("backend", ["auto", "pyav"])
+def test_threads_hammering_get_correct_frames(media, backend):
     path, fast = str(media["good"]), str(media["fast"])
-    d = FrameDecoder(cache_bytes=40 * W * H * 3, pool_size=3, validate=False)  # small: evictions under load
+    # small: evictions under load
+    d = FrameDecoder(cache_bytes=40 * W * H * 3, pool_size=3, validate=False, backend=backend)
     errors: list[str] = []
     seed = int(time.time_ns() % 2**32)
 
@@ -295,9 +298,10 @@ def test_concurrent_requests_for_the_same_frames_decode_once(media):
     ("trunc_mid_mdat", VideoCorrupt), ("trunc_moov", VideoCorrupt), ("fast_trunc_mid_mdat", VideoCorrupt),
     ("random_bytes", VideoCorrupt), ("header_then_garbage", VideoCorrupt), ("text", VideoCorrupt),
 ])
-def test_damaged_file_gives_typed_error_quickly(media, name, err):
+@pytest.mark.parametrize("backend", ["auto", "pyav"])
+def test_damaged_file_gives_typed_error_quickly(media, name, err, backend):
     path = str(media["dir"] / "nope.mp4") if name == "missing" else str(media[name])
-    d = FrameDecoder(8 * 2**20, 2, probe_timeout_s=10)
+    d = FrameDecoder(8 * 2**20, 2, probe_timeout_s=10, backend=backend)
     t0 = time.perf_counter()
     with pytest.raises(err) as exc:
         d.frames(path, [0])
@@ -310,10 +314,11 @@ def test_damaged_file_gives_typed_error_quickly(media, name, err):
     assert [read_counter(f) for f in d.frames(str(media["good"]), [7])] == [7]  # the decoder still works
 
 
-def test_damaged_files_in_process_without_probe(media):
-    """validate=False: decord itself raises (it does not crash) on each damaged file, and the
+@pytest.mark.parametrize("backend", ["auto", "pyav"])
+def test_damaged_files_in_process_without_probe(media, backend):
+    """validate=False: decord and PyAV raise (they do not crash) on each damaged file, and the
     error comes back typed; the decoder goes on serving good files."""
-    d = FrameDecoder(8 * 2**20, 2, validate=False)
+    d = FrameDecoder(8 * 2**20, 2, validate=False, backend=backend)
     for name in ("trunc_mid_mdat", "trunc_moov", "fast_trunc_mid_mdat", "random_bytes", "header_then_garbage",
                  "text", "audio_only"):
         with pytest.raises(VideoEmpty if name == "audio_only" else VideoCorrupt):
@@ -367,7 +372,7 @@ def test_decoder_hang_in_process_is_cut_off_by_the_decode_timeout(media):
 def test_probe_reports_a_crashed_decoder_process(media, monkeypatch):
     import env.video as video
 
-    monkeypatch.setattr(video, "_PROBE", "import os; os.abort()")  # a real child dying by SIGABRT
+    monkeypatch.setattr(video, "_probe_command", lambda *a: [sys.executable, "-c", "import os; os.abort()"])  # a real SIGABRT
     with pytest.raises(VideoCorrupt, match="crashed"):
         video.probe_video(str(media["good"]), timeout_s=10)
 
