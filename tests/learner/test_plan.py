@@ -14,7 +14,7 @@ from learner.plan import GIB, plan, shipped_model_configs
 
 ROOT = Path(__file__).resolve().parents[2]
 # Sizes as the model cards state them (Hugging Face: 8.29B, 33.5B, 8.77B parameters).
-PUBLISHED = {"Qwen2.5-VL-7B-Instruct": 8.29e9, "Qwen2.5-VL-32B-Instruct": 33.45e9, "Qwen3-VL-8B-Instruct": 8.77e9}
+PUBLISHED = {"Qwen2.5-VL-3B-Instruct": 3.75e9, "Qwen2.5-VL-7B-Instruct": 8.29e9, "Qwen2.5-VL-32B-Instruct": 33.45e9, "Qwen3-VL-8B-Instruct": 8.77e9}
 
 
 def test_shipped_configs_have_the_published_sizes():
