@@ -27,32 +27,38 @@ from typing import Any, Awaitable, Callable, Optional
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 
-async def stress(model_dir: Path, tasks: list, a: argparse.Namespace,
-                 check: Optional[Callable[[Any, Any], Awaitable[Any]]] = None) -> dict:
-    """Run the stress; `check(engine, model)`, if given, runs on the live engine after the last load
-    (model: the HF model whose weights that load carried) and its result lands in stats["check"]."""
+def weight_sets(model_dir: Path) -> list[Any]:
+    """The two HF models whose weights the loads alternate: version v carries models[(v - 1) % 2]."""
     import torch
 
+    from models.hf import load_hf_model
+
+    base, other = load_hf_model(model_dir, "float32"), load_hf_model(model_dir, "float32")
+    g = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        for p in other.parameters():
+            p.add_(torch.randn(p.shape, generator=g) * 0.02)
+    return [base, other]
+
+
+async def stress(model_dir: Path, tasks: list, a: argparse.Namespace,
+                 check: Optional[Callable[[Any, Any], Awaitable[Any]]] = None, keep: bool = False) -> dict:
+    """Run the stress. `check(engine, model)`, if given, runs on the live engine after the last load
+    (model: the HF model whose weights that load carried); its result lands in stats["check"].
+    keep: the finished trajectories land in stats["trajectories"]."""
     from actors.agent_loop import Budgets, run_group
     from actors.engine import Engine, SamplingConfig
     from configs import EnvConfig
     from env import LocalEnv
     from learner.weights import named_weights
-    from models.hf import load_hf_model
 
-    base = load_hf_model(model_dir, "float32")
-    other = load_hf_model(model_dir, "float32")
-    models = [base, other]
-    g = torch.Generator().manual_seed(0)
-    with torch.no_grad():
-        for p in other.parameters():
-            p.add_(torch.randn(p.shape, generator=g) * 0.02)
-    weights = [named_weights(base), named_weights(other)]
+    models = weight_sets(model_dir)
+    weights = [named_weights(m) for m in models]
     env = LocalEnv(EnvConfig(max_turns=4, overview_frames=4))
     sampling = SamplingConfig(temperature=1.0, max_tokens=48)
     budgets = Budgets(max_tokens_per_turn=48, max_generated_tokens=160)
     stats = {"loads": 0, "loads_with_requests_in_flight": 0, "requests_in_flight_at_loads": 0, "deaths": 0,
-             "episodes": 0, "failed_episodes": 0, "errors": []}
+             "episodes": 0, "failed_episodes": 0, "errors": [], "trajectories": []}
     engine = await Engine.create(model_dir, dtype="float32", max_model_len=4096, seed=0)
     stop = asyncio.Event()
 
@@ -65,6 +71,8 @@ async def stress(model_dir: Path, tasks: list, a: argparse.Namespace,
             i += 1
             stats["episodes"] += len(trajs)
             stats["failed_episodes"] += sum(t.status.value == "FAILED" for t in trajs)
+            if keep:
+                stats["trajectories"].extend(trajs)
             if eng.dead:
                 await asyncio.sleep(0.5)  # the loader restarts the engine
 
@@ -123,6 +131,7 @@ def main() -> int:
         stats = asyncio.run(stress(model, tasks, a))
     stats["death_rate_per_load"] = stats["deaths"] / max(1, stats["loads"])
     stats["errors"] = stats["errors"][:5]
+    del stats["trajectories"]
     print(json.dumps(stats))
     return 0
 

@@ -182,7 +182,6 @@ class PyAVSource:
         return np.ascontiguousarray(np.rot90(arr, self.turns)) if self.turns else arr
 
 
-
 def _rotation(path: str, pts: Sequence[int]) -> int:
     """Degrees counterclockwise the display matrix turns the picture (0 when none, or when the
     first frame does not decode: the backend check then decides)."""
