@@ -76,6 +76,19 @@ def group_requests(info, evidence_start: float) -> list[tuple[list[int], tuple[i
     return [(overview, OVERVIEW), (window(info, z1_start, 10.0, 16), ZOOM), (window(info, z2_start, 10.0, 16), ZOOM)]
 
 
+def gop_spans(info, idx: list[int]) -> list[tuple[int, int]]:
+    """Per GOP the indices touch: its keyframe and the last needed frame in it. A decoder cannot do
+    less than walk each of these spans once (a span crossing a keyframe restarts there)."""
+    return sorted({max(k for k in info.keyframes if k <= i): i for i in idx}.items())
+
+
+def play_group(dec: FrameDecoder, path: str, reqs: list, g: int) -> None:
+    """The decode requests of the g episodes of one group, through `dec`."""
+    for _ in range(g):
+        for idx, size in reqs:
+            dec.frames(path, idx, size=size)
+
+
 def bench_group(path: str, evidence_start: float, reps: int, g: int = 8) -> dict:
     info = FrameDecoder().info(path)
     reqs = group_requests(info, evidence_start)
@@ -86,9 +99,7 @@ def bench_group(path: str, evidence_start: float, reps: int, g: int = 8) -> dict
         return run
 
     def episodes(dec: FrameDecoder) -> None:
-        for _ in range(g):
-            for idx, size in reqs:
-                dec.frames(path, idx, size=size)
+        play_group(dec, path, reqs, g)
 
     def naive() -> None:
         for _ in range(g):
@@ -105,9 +116,7 @@ def bench_group(path: str, evidence_start: float, reps: int, g: int = 8) -> dict
 def bench_zoom(path: str, start_s: float, reps: int) -> dict:
     info = FrameDecoder().info(path)
     idx = window(info, start_s, 10.0, 16)
-    # Per GOP the window touches: its keyframe and the last needed frame in it. A decoder cannot
-    # do less than walk each of these spans once (a span crossing a keyframe restarts there).
-    spans = sorted({max(k for k in info.keyframes if k <= i): i for i in idx}.items())
+    spans = gop_spans(info, idx)
 
     def zoom(dec: FrameDecoder) -> None:
         dec.frames(path, idx, size=ZOOM)
@@ -145,33 +154,19 @@ def bench_zoom_crop(path: str, start_s: float, reps: int) -> dict:
     return {k: {"zoom_then_crop_s": v} for k, v in m.items()}
 
 
-def pyav_frames(path: str, info, indices: list[int], size: tuple[int, int]) -> None:
-    """Naive PyAV: a fresh container; for each index a seek to it and a decode up to its pts."""
+def pyav_seek_decode(path: str, info, spans: list[tuple[int, int]], size: tuple[int, int]) -> None:
+    """Plain PyAV on a fresh container: per (seek_to, target) index pair, seek (back to a keyframe)
+    to seek_to's pts, decode up to target's, and convert only that frame. Naive use is one pair
+    (i, i) per frame; the single-GOP floor is one pair (keyframe, last needed frame) per GOP."""
     import av
 
     with av.open(path) as c:
         st = c.streams.video[0]
         st.thread_count = 1  # as the shared decoder's readers (num_threads=1)
-        for i in indices:
-            c.seek(int(info.pts[i]), stream=st, backward=True)
+        for seek_to, target in spans:
+            c.seek(int(info.pts[seek_to]), stream=st, backward=True)
             for f in c.decode(st):
-                if f.pts >= info.pts[i]:
-                    f.to_ndarray(format="rgb24", width=size[0], height=size[1])
-                    break
-
-
-def pyav_floor(path: str, info, spans: list[tuple[int, int]], size: tuple[int, int]) -> None:
-    """PyAV's single-GOP floor: per GOP span, seek to its keyframe and decode to its last needed
-    frame, converting only that one."""
-    import av
-
-    with av.open(path) as c:
-        st = c.streams.video[0]
-        st.thread_count = 1  # as the shared decoder's readers (num_threads=1)
-        for k, last in spans:
-            c.seek(int(info.pts[k]), stream=st, backward=True)
-            for f in c.decode(st):
-                if f.pts >= info.pts[last]:
+                if f.pts >= info.pts[target]:
                     f.to_ndarray(format="rgb24", width=size[0], height=size[1])
                     break
 
@@ -181,20 +176,15 @@ def bench_pyav(path: str, evidence_start: float, start_s: float, reps: int, g: i
     info = FrameDecoder(backend="pyav").info(path)
     reqs = group_requests(info, evidence_start)
     idx = window(info, start_s, 10.0, 16)
-    spans = sorted({max(k for k in info.keyframes if k <= i): i for i in idx}.items())
+    spans = gop_spans(info, idx)
 
     def group(backend: str) -> Callable[[], None]:
-        def run() -> None:
-            dec = FrameDecoder(backend=backend)
-            for _ in range(g):
-                for ix, size in reqs:
-                    dec.frames(path, ix, size=size)
-        return run
+        return lambda: play_group(FrameDecoder(backend=backend), path, reqs, g)  # cold, as bench_group's
 
     def naive() -> None:
         for _ in range(g):
             for ix, size in reqs:
-                pyav_frames(path, info, ix, size)
+                pyav_seek_decode(path, info, [(i, i) for i in ix], size)
 
     def zoom(dec: FrameDecoder) -> None:
         dec.frames(path, idx, size=ZOOM)
@@ -202,7 +192,7 @@ def bench_pyav(path: str, evidence_start: float, start_s: float, reps: int, g: i
     m = medians({"pyav": (group("pyav"), None), "decord": (group("auto"), None), "naive": (naive, None),
                  **{f"zoom_pyav_{r}": (zoom, lambda r=r: known_decoder(path, r, "pyav")) for r in ("native", "decoder")},
                  **{f"zoom_decord_{r}": (zoom, lambda r=r: known_decoder(path, r, "auto")) for r in ("native", "decoder")},
-                 "floor": (lambda: pyav_floor(path, info, spans, ZOOM), None)}, reps)
+                 "floor": (lambda: pyav_seek_decode(path, info, spans, ZOOM), None)}, reps)
     return {"cfr": info.cfr, "group": {"naive_s": m["naive"], "shared_s": m["pyav"], "speedup": m["naive"] / m["pyav"],
                                        "decord_shared_s": m["decord"], "pyav_over_decord": m["pyav"] / m["decord"]},
             "zoom": {r: {"zoom_s": m[f"zoom_pyav_{r}"], "ratio": m[f"zoom_pyav_{r}"] / m["floor"],

@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import json
 import sys
-from fractions import Fraction
 from typing import Any, Optional, Sequence
 
 import numpy as np
@@ -75,13 +74,13 @@ def read_table(path: str) -> dict[str, Any]:
                 "codec": st.codec_context.name, "width": st.codec_context.width, "height": st.codec_context.height}
 
 
-def constant_rate(pts: Sequence[int], time_base: Fraction, rate: float) -> Optional[float]:
+def constant_rate(t: np.ndarray, tick: float, rate: float) -> Optional[float]:
     """The frame rate if frame i is shown at i / rate to within one tick (a constant-rate file), else None.
 
-    Candidates: the stream's nominal rate, then the mean rate over the table (a stream whose
-    nominal rate is missing or wrong can still be constant)."""
-    t = (np.asarray(pts, np.int64) - pts[0]).astype(np.float64) * float(time_base)
-    tol = float(time_base) + 1e-9
+    t: each frame's time in seconds from the first; tick: the time base in seconds. Candidates:
+    the stream's nominal rate, then the mean rate over the table (a stream whose nominal rate is
+    missing or wrong can still be constant)."""
+    tol = tick + 1e-9
     i = np.arange(len(t), dtype=np.float64)
     cands = [rate] if rate > 0 else []
     if len(t) > 1 and t[-1] > 0:

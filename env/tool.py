@@ -135,12 +135,12 @@ class EpisodeVideo:
         size = resize_to_fit(int(size[0]), int(size[1]), self.max_pixels)
         images = self.decoder.frames(self.path, indices, size=size, crop=crop)
         crop_t = tuple(float(c) for c in crop) if crop else (0.0, 0.0, 1.0, 1.0)
-        for idx, img in zip(indices, images):
-            t = self.info.time_of(idx)
+        shown = [self.info.time_of(i) for i in indices]
+        for idx, t, img in zip(indices, shown, images):
             ref = FrameRef(video=self.path, frame_index=idx, time=t, crop=crop_t,
                            size=(img.shape[1], img.shape[0]), content_hash=content_hash(img))
             self._served[id(img)] = Frame(image=img, time=t, ref=ref)
-        return list(images), np.asarray([self.info.time_of(i) for i in indices], np.float64)
+        return list(images), np.asarray(shown, np.float64)
 
     def search(self, query: str, top_k: int) -> list[tuple[Caption, float]]:
         """The captions that best match `query` (BM25), best first; ToolError when there are none."""

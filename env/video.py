@@ -155,7 +155,7 @@ def _make_info(res: dict, path: str) -> VideoInfo:
     pts = np.asarray(table["pts"], np.int64)
     times = (pts - pts[0]).astype(np.float64) * float(tb)
     times.flags.writeable = False
-    fps = decoders.constant_rate(table["pts"], tb, float(table["rate"]))
+    fps = decoders.constant_rate(times, float(tb), float(table["rate"]))
     last = float(table["last_duration"] * tb) or (times[-1] - times[-2] if n > 1 else 0.0)
     if fps is not None:
         return VideoInfo(fps=fps, duration=n / fps, times=times, cfr=True, pts=pts, codec=table["codec"], **common)
