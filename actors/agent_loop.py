@@ -29,7 +29,7 @@ from typing import Any, Optional
 
 import numpy as np
 
-from env.types import Observation, Task
+from env.types import IMAGE_MARKER, Observation, Task
 from models.chat import DEFAULT_SYSTEM_PROMPT, ChatRenderer, observation_content  # noqa: F401 - re-exported
 from protos.records import FrameRef, Status, Trajectory
 
@@ -41,6 +41,9 @@ class Budgets:
     max_tokens_per_turn: int = 256  # generated tokens in one turn
     max_generated_tokens: int = 1024  # generated tokens in the whole episode
     max_context_tokens: int = 8192  # prompt + everything appended; must fit the engine's max_model_len
+    max_turns: Optional[int] = None  # this episode's turn limit (None: the env's env.max_turns)
+    assistant_prefix: str = ""  # forced at the start of every turn: prompt tokens, not policy (ParaVT's <think>)
+    subagent_max_tokens: int = 512  # cap of a sub-agent's answer (a call the policy answers itself)
 
 
 @dataclass
@@ -91,11 +94,12 @@ async def run_episode(engine: Any, env: Any, task: Task, sampling: Any, budgets:
     traj_id = traj_id or uuid.uuid4().hex
     slot = env.episode(f"{group_id or 'ep'}:{traj_id}")
     b, texts, obs_texts, calls, t0 = _Builder(), [], [], [], time.perf_counter()
+    children: list[Trajectory] = []
     timing = {"engine_s": 0.0, "env_s": 0.0}
     status, error, reward, terms, info = Status.FAILED, "", 0.0, {}, {}
     try:
         te = time.perf_counter()
-        obs, info = await slot.reset(task)
+        obs, info = await slot.reset(task, options={"max_turns": budgets.max_turns} if budgets.max_turns else None)
         timing["env_s"] += time.perf_counter() - te
         if info.get("status") == "FAILED":
             raise _EpisodeFailed(info.get("error", "env reset failed"))
@@ -103,7 +107,9 @@ async def run_episode(engine: Any, env: Any, task: Task, sampling: Any, budgets:
         b.add_context(engine.expand_image_placeholders(renderer.prompt_ids(obs), [f.image for f in obs.frames]), obs)
         status = Status.TRUNCATED
         generated = 0
+        prefix = engine.tokenizer.encode(budgets.assistant_prefix, add_special_tokens=False) if budgets.assistant_prefix else []
         while True:
+            b.add_context(list(prefix))  # the forced prefix is prompt: loss mask 0
             room = min(budgets.max_tokens_per_turn, budgets.max_generated_tokens - generated,
                        budgets.max_context_tokens - len(b.token_ids) - 1)
             if room < 1:
@@ -121,11 +127,16 @@ async def run_episode(engine: Any, env: Any, task: Task, sampling: Any, budgets:
                 break
             b.add_generated(out.token_ids, out.logprobs, out.policy_version)
             generated += len(out.token_ids)
-            text = engine.tokenizer.decode(out.token_ids, skip_special_tokens=False)
+            text = budgets.assistant_prefix + engine.tokenizer.decode(out.token_ids, skip_special_tokens=False)
             texts.append(text)
             te = time.perf_counter()
             obs, reward, terminated, truncated, info = await slot.step(text)
             timing["env_s"] += time.perf_counter() - te
+            if info.get("subagent"):  # calls the policy answers itself, on this engine (ParaVT's crop_video)
+                answers, subs = await run_subagents(engine, info["subagent"], sampling, budgets, task, group_id,
+                                                    f"{traj_id}/t{len(texts)}")
+                children += subs
+                obs = await slot.answer(answers)
             obs_texts.append(obs.text)  # the tool responses, for `weft view`
             calls += info.get("calls", [])
             terms = info.get("reward_terms", terms)
@@ -160,7 +171,55 @@ async def run_episode(engine: Any, env: Any, task: Task, sampling: Any, budgets:
     return Trajectory(np.asarray(b.token_ids), np.asarray(b.loss_mask), np.asarray(b.logprobs),
                       np.asarray(b.versions), media=b.media, reward=float(reward), reward_terms=dict(terms),
                       status=status, group_id=group_id, task_id=task.id, traj_id=traj_id, metrics=metrics,
-                      metadata=meta)
+                      metadata=meta, children=children)
+
+
+SUBAGENT_SYSTEM_PROMPT = "You are a helpful assistant. Describe what the frames show, briefly and factually."
+
+
+async def run_subagents(engine: Any, asks: list[dict], sampling: Any, budgets: Budgets, task: Task, group_id: str,
+                        key: str) -> tuple[list[Optional[str]], list[Trajectory]]:
+    """Answer a turn's sub-agent calls with the policy on `engine`, concurrently: one single-turn episode
+    each (the call's frames, then its prompt). Returns the answers (None where there is no model to
+    answer: a scripted engine) and the sub-agent trajectories, recorded under the episode's id."""
+    if not engine.answers_subagents:
+        return [None] * len(asks), []
+    renderer = ChatRenderer(engine.tokenizer, [], SUBAGENT_SYSTEM_PROMPT)
+    results = await asyncio.gather(*[_subagent(engine, renderer, ask, sampling, budgets, task, group_id, f"{key}/sub{k}")
+                                     for k, ask in enumerate(asks)], return_exceptions=True)
+    answers: list[Optional[str]] = []
+    subs: list[Trajectory] = []
+    for r in results:
+        if isinstance(r, BaseException):
+            if isinstance(r, asyncio.CancelledError):
+                raise r
+            answers.append(None)  # the env says the call got no answer; the episode goes on
+            continue
+        answers.append(r[0])
+        subs.append(r[1])
+    return answers, subs
+
+
+async def _subagent(engine: Any, renderer: ChatRenderer, ask: dict, sampling: Any, budgets: Budgets, task: Task,
+                    group_id: str, traj_id: str) -> tuple[str, Trajectory]:
+    frames = list(ask["frames"])
+    obs = Observation("\n".join(f"t={fr.time:.1f}s {IMAGE_MARKER}" for fr in frames) + "\n" + str(ask["prompt"]), frames)
+    b = _Builder()
+    b.add_context(engine.expand_image_placeholders(renderer.prompt_ids(obs), [f.image for f in frames]), obs)
+    room = min(int(ask.get("max_tokens") or budgets.subagent_max_tokens), budgets.subagent_max_tokens,
+               budgets.max_context_tokens - len(b.token_ids) - 1)
+    if room < 1:
+        raise ValueError("the sub-agent's prompt leaves no room to answer")
+    out = await engine.generate(b.token_ids, b.images, _with_max_tokens(sampling, room), request_id=traj_id)
+    if out.finish_reason == "abort":
+        raise RuntimeError("sub-agent generation aborted")
+    b.add_generated(out.token_ids, out.logprobs, out.policy_version)
+    text = engine.tokenizer.decode(out.token_ids, skip_special_tokens=True).strip()
+    traj = Trajectory(np.asarray(b.token_ids), np.asarray(b.loss_mask), np.asarray(b.logprobs), np.asarray(b.versions),
+                      media=b.media, group_id=group_id, task_id=task.id, traj_id=traj_id,
+                      metrics={"generated_tokens": float(len(out.token_ids)), "images": float(len(frames))},
+                      metadata={"role": "subagent", "tool": ask.get("tool", ""), "turn_texts": [text]})
+    return text, traj
 
 
 class _EpisodeFailed(Exception):

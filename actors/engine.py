@@ -111,6 +111,8 @@ def _weight_buckets(named_tensors: Iterable[tuple[str, Any]], bucket_bytes: int,
 class Engine:
     """One vLLM engine, many concurrent requests. Create with `await Engine.create(model_dir, ...)`."""
 
+    answers_subagents = True  # the policy itself answers sub-agent tool calls (actors/agent_loop.py)
+
     def __init__(self, llm: Any, processor: Any, banned: list[int], max_model_len: int, version: int,
                  weight_name: Callable[[str], str] = str) -> None:
         self.llm = llm

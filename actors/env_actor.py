@@ -58,11 +58,12 @@ class EnvActor:
         self.lock = threading.Lock()
         self.incarnation = incarnation()
 
-    def reset(self, episode_id: str, task: Task, seed: Optional[int] = None) -> tuple[Observation, dict]:
+    def reset(self, episode_id: str, task: Task, seed: Optional[int] = None,
+              options: Optional[dict] = None) -> tuple[Observation, dict]:
         env = self.local.make()
         with self.lock:
             self.episodes[episode_id] = env
-        return env.reset(task, seed=seed)
+        return env.reset(task, seed=seed, options=options)
 
     def step(self, episode_id: str, action: str):
         with self.lock:
@@ -74,6 +75,11 @@ class EnvActor:
         if result[2] or result[3]:
             self.close(episode_id)
         return result
+
+    def answer(self, episode_id: str, answers: list) -> Observation:
+        with self.lock:
+            env = self.episodes.get(episode_id)
+        return env.answer(answers) if env is not None else Observation(f"error: {_lost(episode_id)['error']}")
 
     def truncate(self, episode_id: str, reason: str = "budget") -> tuple[float, dict]:
         with self.lock:
@@ -141,8 +147,11 @@ class RemoteEpisode:
     def __init__(self, actor: Any, episode_id: str):
         self.actor, self.episode_id = actor, episode_id
 
-    async def reset(self, task: Task, seed: Optional[int] = None):
-        return await self.actor.reset.remote(self.episode_id, task, seed)
+    async def reset(self, task: Task, seed: Optional[int] = None, options: Optional[dict] = None):
+        return await self.actor.reset.remote(self.episode_id, task, seed, options)
+
+    async def answer(self, answers: list) -> Observation:
+        return await self.actor.answer.remote(self.episode_id, answers)
 
     async def step(self, action: str):
         result = await self.actor.step.remote(self.episode_id, action)

@@ -51,12 +51,15 @@ def eval_config(cfg: Any, *, samples: Optional[int] = None, temperature: Optiona
         cfg.eval.temperature = temperature
     cfg.rollout = dataclasses.replace(cfg.rollout, group_size=cfg.eval.samples, temperature=cfg.eval.temperature)
     if no_tools:
-        cfg.env = dataclasses.replace(cfg.env, tools=[], max_turns=1, overview_choices=[],
+        cfg.env = dataclasses.replace(cfg.env, tools=[], max_turns=1, overview_choices=[], overview_fps=None,
                                       overview_frames=frames or cfg.env.overview_frames,
                                       overview_size=list(cfg.env.zoom_size))
         cfg.rollout = dataclasses.replace(cfg.rollout, system_prompt=cfg.eval.no_tools_prompt)
-    elif frames:
-        cfg.env = dataclasses.replace(cfg.env, overview_frames=frames, overview_choices=[])
+    else:
+        if frames:
+            cfg.env = dataclasses.replace(cfg.env, overview_frames=frames, overview_choices=[], overview_fps=None)
+        if cfg.eval.max_turns:
+            cfg.env = dataclasses.replace(cfg.env, max_turns=cfg.eval.max_turns)
     return cfg
 
 

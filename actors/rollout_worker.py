@@ -169,20 +169,22 @@ class RolloutCore:
         return SamplingConfig(temperature=self.cfg.temperature, top_p=self.cfg.top_p,
                               max_tokens=self.cfg.max_tokens_per_turn)
 
-    def _budgets(self) -> Any:
+    def _budgets(self, max_turns: Optional[int] = None) -> Any:
         from actors.agent_loop import Budgets
 
         return Budgets(max_tokens_per_turn=self.cfg.max_tokens_per_turn,
                        max_generated_tokens=self.cfg.max_generated_tokens,
-                       max_context_tokens=min(self.cfg.max_context_tokens, self.cfg.max_model_len))
+                       max_context_tokens=min(self.cfg.max_context_tokens, self.cfg.max_model_len),
+                       max_turns=max_turns, assistant_prefix=self.cfg.assistant_prefix,
+                       subagent_max_tokens=self.cfg.subagent_max_tokens)
 
     async def run_group(self, task: Optional[Task] = None, group_id: Optional[str] = None, *, env: Any = None,
                         prefetch: Optional[Task] = None, group_size: Optional[int] = None,
-                        temperature: Optional[float] = None) -> Group:
+                        temperature: Optional[float] = None, max_turns: Optional[int] = None) -> Group:
         """One GRPO group of the next task (or the given one), in this core's env (or the given one).
         `prefetch` is the task to warm the env's cache with (default: the sampler's next); `group_size`
-        and `temperature` replace the config's (validation plays K episodes at eval.temperature). Never
-        raises for episode failures."""
+        and `temperature` replace the config's (validation plays K episodes at eval.temperature), and
+        `max_turns` the env's turn limit (eval.max_turns). Never raises for episode failures."""
         from actors.agent_loop import run_group
 
         await self.start()
@@ -201,7 +203,7 @@ class RolloutCore:
         if temperature is not None:
             sampling = dataclasses.replace(sampling, temperature=temperature)
         trajs = await run_group(self.engine, env, task, sampling, group_size or self.cfg.group_size,
-                                self._budgets(), group_id=gid, system_prompt=self.cfg.system_prompt)
+                                self._budgets(max_turns), group_id=gid, system_prompt=self.cfg.system_prompt)
         for t in trajs:
             self.counters[f"status:{t.status.value}"] += 1
         self.counters["groups"] += 1
@@ -384,7 +386,8 @@ class RolloutWorker:
         records (env.scoring); nothing goes to the learner."""
         from env.scoring import episode_record
 
-        group, out = await self._play(item, group_size=self.cfg.eval.samples, temperature=self.cfg.eval.temperature)
+        group, out = await self._play(item, group_size=self.cfg.eval.samples, temperature=self.cfg.eval.temperature,
+                                      max_turns=self.cfg.eval.max_turns)
         if group is None:
             return out
         return {**out, "outcome": "done",

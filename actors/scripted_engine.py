@@ -35,6 +35,8 @@ MAX_OPEN_POLICIES = 4096  # episodes that end without an answer never say goodby
 class ScriptedEngine:
     """A scripted policy as an engine (see the module notes)."""
 
+    answers_subagents = False  # no model to answer a sub-agent call: the env says so in the observation
+
     def __init__(self, processor: Any, make_policy: Callable[[str], Any], version: int = 0) -> None:
         self.processor, self.tokenizer = processor, processor.tokenizer
         self.make_policy, self.version = make_policy, version

@@ -37,6 +37,8 @@ class EnvConfig:
     tools: list[str] = f(factory=lambda: ["temporal_zoom", "spatial_zoom", "temporal_search", "get_frame"],
                          help="The tools of a run: built-in names (temporal_zoom, spatial_zoom, temporal_search, get_frame) or `module:attribute` naming an env.Tool, resolved in the process that runs the env.")
     overview_frames: int = f(8, "Frames in the first observation's uniform overview of the whole video.", min=1, max=256)
+    overview_fps: Optional[float] = f(None, "If set, the overview samples the video at this rate (frames per second), at most overview_frames frames and at least 1 (VideoZoomer: 0.5 fps, at most 64).", min=0.0)
+    last_turn_tools: bool = f(True, "False: the last turn has no tools. The observation before it says so, and a call in it is refused, so the model must answer (VideoZoomer).")
     overview_choices: Optional[list[int]] = f(None, "If set, the overview frame count is drawn per task (seeded by the task id) from this list, e.g. [4, 8, 16, 32] as in ParaVT, so tool calls earn measurable credit.")
     overview_size: list[int] = f(factory=lambda: [160, 90], help="(width, height) of overview frames. Small on purpose: the overview is a coarse map, the tools give detail.")
     zoom_size: list[int] = f(factory=lambda: [320, 180], help="(width, height) of frames returned by temporal_zoom and get_frame.")
@@ -72,6 +74,10 @@ class LossConfig:
     loss_agg: str = f("token-mean", "Aggregation: token-mean | seq-mean-token-mean | seq-mean-token-sum-norm (Dr.GRPO, divided by max_len).",
                       choices=["token-mean", "seq-mean-token-mean", "seq-mean-token-sum-norm"])
     max_len: int = f(4096, "Fixed normaliser for seq-mean-token-sum-norm.", min=1)
+    policy_loss: str = f("ppo", "Surrogate: ppo (token ratio, clipped) | gspo (GSPO: one ratio per sequence, exp of the mean token log-ratio, clipped as a whole; pair with loss_agg=seq-mean-token-mean and GSPO's small clip ranges) | cispo (CISPO: the clipped ratio as a constant weight on logp, so no token loses its gradient).",
+                         choices=["ppo", "gspo", "cispo"])
+    entropy_coef: float = f(0.0, "Entropy bonus: minus this times the policy's per-token entropy, aggregated like the loss (VideoZoomer: 0.001).", min=0.0)
+    kl_in_reward: float = f(0.0, "KL folded into the reward instead of the loss: each trajectory's reward loses this times the sum over its generated tokens of log(pi_old / pi_ref), before group advantages (Video-o3: 0.001). Loads a frozen reference policy on the learner.", min=0.0)
     kl_coef: float = f(0.0, "Coefficient of the KL penalty to the reference policy; 0 disables it.", min=0.0)
     kl_estimator: str = f("k3", "KL estimator: k1 | k2 | k3 (Schulman's).", choices=["k1", "k2", "k3"])
 
@@ -135,6 +141,8 @@ class RolloutConfig:
     gpu_memory_utilization: float = f(0.85, "GPU only: fraction of GPU memory vLLM may take.", min=0.05, max=1.0)
     enable_prefix_caching: bool = f(True, "vLLM prefix caching: the G episodes of a group share one prompt and overview, so their first-turn prefill is paid once.")
     system_prompt: Optional[str] = f(None, "System prompt; None uses models.chat.DEFAULT_SYSTEM_PROMPT.")
+    assistant_prefix: str = f("", "Text forced at the start of every assistant turn, e.g. '<think>\\n' (ParaVT's exploration anchoring). Its tokens are prompt (loss mask 0), not policy; the env sees the turn with it.")
+    subagent_max_tokens: int = f(512, "Most tokens a sub-agent answer may take (a tool whose call the policy itself answers, e.g. ParaVT's crop_video).", min=1)
     seed: int = f(0, "Seed of the task order and of the engine's sampler.")
     num_cpus: float = f(0.5, "CPUs Ray reserves for each rollout worker (fractional, so a small node fits several).", min=0.0)
     num_gpus: float = f(0.0, "GPUs Ray reserves for each rollout worker: 1 on a GPU cluster (one engine per GPU), 0 on the CPU.", min=0.0)
@@ -174,7 +182,9 @@ class TrainerConfig:
     tensorboard: bool = f(True, "Also write metrics as TensorBoard events under run_dir/tb.")
     val_every: int = f(0, "Validate on data.val_path every this many steps (and at the last step): training pauses at the step, every validation task runs on the rollout workers with that step's weights, and val/... metrics are logged at that step. 0 = never.", min=0)
     val_before_train: bool = f(False, "Also validate before the first step (step 0: the starting model), when data.val_path is set.")
+    train_subagents: bool = f(False, "Also train the sub-agent trajectories an episode's tool calls ran on the policy (ParaVT's crop_video), each with its episode's advantage. Off by default, as ParaVT ships it.")
     sft_lr: float = f(1e-4, "Cold-start SFT learning rate.", min=0.0)
+    sft_decoupled_mask_frac: float = f(0.0, "Fraction of SFT steps trained under Video-o3's task-decoupled attention mask (learner/sft.py, decoupled_mask): answer tokens do not see the overview's images, each zoom turn not the earlier clips (Video-o3: 0.1).", min=0.0, max=1.0)
     sft_steps: int = f(100, "Cold-start SFT optimizer steps.", min=1)
     sft_batch_size: int = f(4, "Trajectories per SFT step.", min=1)
     sft_episodes: int = f(32, "Scripted-policy episodes rendered into the SFT data (cycling over the tasks).", min=1)
@@ -190,6 +200,7 @@ class EvalConfig:
     temperature: float = f(0.0, "Sampling temperature of evaluation episodes; 0 is greedy (then K > 1 repeats the same episode).", min=0.0, max=2.0)
     concurrent_tasks: int = f(4, "Tasks one engine plays at once (K episodes each, sharing their prompt's prefill).", min=1)
     view_episodes: int = f(16, "Episodes drawn in `weft eval`'s viewer page (view.html); 0 writes none.", min=0)
+    max_turns: Optional[int] = f(None, "Turn limit of evaluation and validation episodes; None = env.max_turns (Video-o3 trains with 6 and validates with 12).", min=1)
     no_tools_prompt: str = f("You answer questions about a video from the frames you are shown. Give the final answer inside <answer></answer>.", "System prompt of the no-tools baseline (`weft eval --no-tools`): one turn, N uniform frames, an answer.")
 
 

@@ -36,6 +36,9 @@ _TOOL_POOL_LOCK = threading.Lock()
 # Process-wide counters (all episodes): failures by kind, crashes caught, tool errors.
 COUNTERS: Counter = Counter()
 
+MAX_SUBAGENT_FRAMES = 64  # frames one sub-agent call may show the policy (ParaVT's crop_video: 16)
+_LAST_TURN = 'This is your last turn: the tools are off. Give your final answer now.'
+
 
 def _tool_pool(threads: int) -> ThreadPoolExecutor:
     global _TOOL_POOL
@@ -65,6 +68,11 @@ class _Episode:
     error: str = ""
     video: Optional[EpisodeVideo] = None
     decode_s: float = 0.0
+    max_turns: int = 0  # this episode's turn limit (env.max_turns, or the reset options' max_turns)
+    texts: list[str] = dataclasses.field(default_factory=list)  # the model's turns as written
+    # Sub-agent calls of the last turn waiting for the policy's answers (`answer`): the observation's
+    # lines and frames, and per call (line index, head, tool name, index of its ToolCallRecord).
+    waiting: Optional[tuple[list[str], list[Frame], list[tuple[int, str, str, int]]]] = None
 
 
 class VideoToolEnv:
@@ -93,19 +101,23 @@ class VideoToolEnv:
         self._ep: Optional[_Episode] = None
 
     # ---------------------------------------------------------------- reset
-    def reset(self, task: Task, *, seed: Optional[int] = None) -> tuple[Observation, dict]:
-        """Start an episode: the question, options and a coarse overview of the whole video."""
-        ep = self._ep = _Episode(task=task)
-        n = self.overview_count(task, seed)
+    def reset(self, task: Task, *, seed: Optional[int] = None, options: Optional[dict] = None) -> tuple[Observation, dict]:
+        """Start an episode: the question, options and a coarse overview of the whole video.
+        `options` (gymnasium's): {"max_turns": N} gives this episode its own turn limit (validation's)."""
+        turns = (options or {}).get("max_turns") or self.cfg.max_turns
+        ep = self._ep = _Episode(task=task, max_turns=max(1, int(turns)))
         try:
             info = self.decoder.info(task.video)
             ep.duration, ep.fps, ep.num_frames = info.duration, info.fps, info.num_frames
+            n = self.overview_count(task, seed, ep.duration)
             times = [(i + 0.5) * ep.duration / n for i in range(n)]
             frames = self._decode(ep, times, tuple(self.cfg.overview_size))
         except VideoError as e:
             return self._fail(ep, e), self._info(ep, overview_frames=0)
         ep.video = EpisodeVideo(task.video, self.decoder, self.cfg.max_pixels_per_frame, list(task.captions))
         lines = [f"Video: {ep.duration:.1f} s long. Overview: {len(frames)} frames sampled uniformly."]
+        if self.toolset and not self.cfg.last_turn_tools and ep.max_turns == 1:
+            lines.append(_LAST_TURN)
         lines += [f"t={fr.time:.1f}s {IMAGE_MARKER}" for fr in frames]
         lines.append(f"Question: {_clean(task.question)}")
         if task.options:
@@ -118,9 +130,12 @@ class VideoToolEnv:
                      else "Answer from these frames.")
         return Observation("\n".join(lines), frames), self._info(ep, overview_frames=len(frames))
 
-    def overview_count(self, task: Task, seed: Optional[int] = None) -> int:
-        """Overview size: fixed, or drawn per task from overview_choices (stable for a seed)."""
+    def overview_count(self, task: Task, seed: Optional[int] = None, duration: Optional[float] = None) -> int:
+        """Overview size: drawn per task from overview_choices (stable for a seed), else duration x
+        overview_fps capped at overview_frames, else overview_frames."""
         if not self.cfg.overview_choices:
+            if self.cfg.overview_fps and duration:
+                return max(1, min(self.cfg.overview_frames, round(duration * self.cfg.overview_fps)))
             return self.cfg.overview_frames
         key = f"{self.cfg.seed if seed is None else seed}:{task.id}".encode()
         rng = random.Random(int.from_bytes(hashlib.blake2b(key, digest_size=8).digest(), "little"))
@@ -145,7 +160,10 @@ class VideoToolEnv:
             return self._fail(ep, e, kind="env_crash"), 0.0, True, False, self._info(ep)
 
     def _step(self, ep: _Episode, action: str) -> tuple[Observation, float, bool, bool, dict]:
+        if ep.waiting is not None:  # the driver never answered the last turn's sub-agent calls
+            self.answer([])
         ep.turns += 1
+        ep.texts.append(action)
         parsed = parse_action(action, max_calls=self.cfg.max_calls_per_turn)
         lines = [f"error: {e}" for e in parsed.errors]
         if parsed.answer is not None:
@@ -153,18 +171,54 @@ class VideoToolEnv:
             ep.answer, ep.done, ep.status = parsed.answer, True, Status.COMPLETED
             reward, terms = self._score(ep)
             return Observation("\n".join(lines)), reward, True, False, self._info(ep, reward_terms=terms)
-        text, frames, refused = self._run_calls(ep, parsed.calls)
-        if text:
-            lines.append(text)
+        tools_off = ep.turns >= ep.max_turns and not self.cfg.last_turn_tools
+        texts, frames, refused, waiting = (self._refuse_all(ep, parsed.calls) if tools_off
+                                           else self._run_calls(ep, parsed.calls))
+        base = len(lines)
+        lines += texts
         ep.format_errors += bool(parsed.errors or refused)  # one penalty per malformed turn, however many faults
-        if ep.turns >= self.cfg.max_turns:
+        if ep.turns >= ep.max_turns:
             ep.done, ep.status = True, Status.TRUNCATED
             reward, terms = self._score(ep)
             lines.append("The turn budget is used up; the episode ends without an answer.")
             return Observation("\n".join(lines), frames), reward, False, True, self._info(ep, reward_terms=terms)
-        lines.append(f"[{self.cfg.max_turns - ep.turns} turn(s), {self.cfg.max_tool_calls - ep.tool_calls} tool call(s), "
+        lines.append(f"[{ep.max_turns - ep.turns} turn(s), {self.cfg.max_tool_calls - ep.tool_calls} tool call(s), "
                      f"{self.cfg.max_frames - ep.frames_returned} frame(s) left]")
-        return Observation("\n".join(lines), frames), 0.0, False, False, self._info(ep)
+        if ep.turns + 1 >= ep.max_turns and not self.cfg.last_turn_tools:
+            lines.append(_LAST_TURN)
+        if not waiting:
+            return Observation("\n".join(lines), frames), 0.0, False, False, self._info(ep)
+        ep.waiting = (lines, frames, [(base + i, head, name, rec) for i, head, name, rec, _ in waiting])
+        asks = [{"tool": name, "prompt": q.prompt, "max_tokens": q.max_tokens, "frames": fr}
+                for _, _, name, _, (q, fr) in waiting]
+        return Observation("\n".join(lines), frames), 0.0, False, False, self._info(ep, subagent=asks)
+
+    def answer(self, answers: Any) -> Observation:
+        """The observation of a turn whose calls included sub-agent calls (`info["subagent"]` of its
+        step), given the policy's answers in the same order. A missing answer (None, or a driver with
+        no model: check-env) becomes an error saying so, and the call counts as not run."""
+        ep = self._ep
+        if ep is None or ep.waiting is None:
+            COUNTERS["answer_without_question"] += 1
+            return Observation("error: no sub-agent call is waiting for an answer")
+        lines, frames, slots = ep.waiting
+        ep.waiting = None
+        answers = list(answers or [])
+        for k, (line, head, name, rec) in enumerate(slots):
+            text = answers[k] if k < len(answers) else None
+            call = ep.calls[rec]
+            if text is None:
+                COUNTERS["subagent_unanswered"] += 1
+                err = (f"{name} is answered by the policy itself as a sub-agent, and no model is at hand to "
+                       "answer it (weft check-env and scripted policies run without one)")
+                lines[line] = f"{head} error: {err}."
+                ep.calls[rec] = dataclasses.replace(call, ok=False, error=err)
+                ep.tool_calls_ok -= 1
+                continue
+            text = f"{call.output.text} {_clean(str(text)).strip()}".strip()
+            lines[line] = f"{head} {text}"
+            ep.calls[rec] = dataclasses.replace(call, output=dataclasses.replace(call.output, text=text))
+        return Observation("\n".join(lines), frames)
 
     def truncate(self, reason: str = "budget") -> tuple[float, dict]:
         """End the episode from outside (the agent loop ran out of tokens): scored as TRUNCATED."""
@@ -180,9 +234,17 @@ class VideoToolEnv:
         return reward, self._info(ep, reward_terms=terms, truncated_by=reason)
 
     # ---------------------------------------------------------------- tools
-    def _run_calls(self, ep: _Episode, calls: list[ToolCall]) -> tuple[str, list[Frame], int]:
+    def _refuse_all(self, ep: _Episode, calls: list[ToolCall]) -> tuple[list[str], list[Frame], int, list]:
+        """The last turn with env.last_turn_tools off: every call is refused."""
+        err = "tools are off on the last turn; answer now"
+        for call in calls:
+            ep.calls.append(ToolCallRecord(ep.turns, str(call.name), call.arguments, False, error=err))
+        return [f"[{c.name or 'tool call'}] error: {err}" for c in calls], [], len(calls), []
+
+    def _run_calls(self, ep: _Episode, calls: list[ToolCall]) -> tuple[list[str], list[Frame], int, list]:
         """Validate every call against its tool's schema, check and the budgets, run the valid ones in
-        parallel. Returns the observation text, the frames, and how many calls were refused."""
+        parallel. Returns the observation's lines, the frames, how many calls were refused, and the
+        sub-agent calls waiting for the policy (line index, head, tool, record index, (query, frames))."""
         plans: list[tuple[ToolCall, Optional[dict], Optional[str], int]] = []
         frames_left = self.cfg.max_frames - ep.frames_returned
         for call in calls:
@@ -200,7 +262,7 @@ class VideoToolEnv:
             plans.append((call, args, err, cost))
         pool = _tool_pool(self.cfg.decode_threads)
         futures = {id(c): pool.submit(self._run_tool, ep, c.name, a, cost) for c, a, e, cost in plans if e is None}
-        texts, frames, refused = [], [], 0
+        texts, frames, refused, waiting = [], [], 0, []
         for call, args, err, cost in plans:
             head = f"[{call.name}]" if call.name else "[tool call]"
             if err is None:
@@ -214,12 +276,16 @@ class VideoToolEnv:
                                                False, error=err))
                 continue
             ep.tool_calls_ok += 1
+            ep.calls.append(ToolCallRecord(ep.turns, call.name, args, True, output=out,
+                                           label=self.toolset[call.name].describe(args)))
+            if out.ask is not None:  # its frames are the sub-agent's, not the episode's
+                waiting.append((len(texts), head, call.name, len(ep.calls) - 1, (out.ask, fr)))
+                texts.append(f"{head} (waiting for the sub-agent's answer)")
+                continue
             ep.frames_returned += len(fr)  # tool frames count against the budget; the overview is free
             texts.append(_frame_list_text(f"{head} {_clean(out.text)}", fr) if fr else f"{head} {_clean(out.text)}")
             frames += fr
-            ep.calls.append(ToolCallRecord(ep.turns, call.name, args, True, output=out,
-                                           label=self.toolset[call.name].describe(args)))
-        return "\n".join(texts), frames, refused
+        return texts, frames, refused, waiting
 
     def _run_tool(self, ep: _Episode, name: str, args: dict, cost: int) -> tuple[Optional[ToolOutput], list[Frame], Optional[str]]:
         """(output, its frames with refs, None), or (None, [], why it was refused). VideoError propagates."""
@@ -229,7 +295,9 @@ class VideoToolEnv:
             if not isinstance(out, ToolOutput):
                 raise ToolError(f"{name} returned a {type(out).__name__}, not an env.ToolOutput")
             frames = [ep.video.frame(img) for img in out.frames]
-            if len(frames) > cost:
+            if out.ask is not None and len(frames) > MAX_SUBAGENT_FRAMES:
+                raise ToolError(f"{name} gave its sub-agent {len(frames)} frames, more than {MAX_SUBAGENT_FRAMES}")
+            if out.ask is None and len(frames) > cost:
                 raise ToolError(f"{name} returned {len(frames)} frames, more than its frame_cost {cost}")
             if out.window is not None:
                 a, b = (float(v) for v in out.window)
@@ -261,7 +329,8 @@ class VideoToolEnv:
         if ep is None:
             return None
         return Episode(answer=ep.answer, tool_calls=list(ep.calls), turns=ep.turns, format_errors=ep.format_errors,
-                       status=ep.status.value, frames_returned=ep.frames_returned, duration=ep.duration)
+                       status=ep.status.value, frames_returned=ep.frames_returned, duration=ep.duration,
+                       texts=list(ep.texts))
 
     def _score(self, ep: _Episode) -> tuple[float, dict[str, float]]:
         try:

@@ -2,7 +2,8 @@
 
 An *env* hands out episodes and says what tools they have:
 
-    env.episode(episode_id) -> episode       # async reset(task, seed=None), step(action), truncate(reason), close()
+    env.episode(episode_id) -> episode       # async reset(task, seed=None, options=None), step(action),
+                                             # answer(answers), truncate(reason), close()
     await env.tool_schemas()                 # the tools as the chat template shows them
     env.prefetch(task)                       # warm the shared frame cache with the task's overview (returns at once)
     await env.stats()                        # open episodes, decoder cache, env counters
@@ -88,11 +89,17 @@ class LocalEpisode:
         self.host, self.episode_id = host, episode_id
         self.env: Optional[VideoToolEnv] = None
 
-    async def reset(self, task: Task, seed: Optional[int] = None) -> tuple[Observation, dict]:
+    async def reset(self, task: Task, seed: Optional[int] = None, options: Optional[dict] = None) -> tuple[Observation, dict]:
         if self.env is None:
             self.env = self.host.make()
             self.host._opened(1)
-        return await self.host._run(lambda: self.env.reset(task, seed=seed))
+        return await self.host._run(lambda: self.env.reset(task, seed=seed, options=options))
+
+    async def answer(self, answers: list) -> Observation:
+        """The policy's answers to the last step's sub-agent calls (`info["subagent"]`); the turn's observation."""
+        if self.env is None:
+            return Observation("error: answer() before reset()")
+        return await self.host._run(self.env.answer, answers)
 
     async def step(self, action: str) -> StepResult:
         if self.env is None:

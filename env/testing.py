@@ -205,6 +205,8 @@ async def run_episode(env: Any, task: Task, policy: Policy, episode_id: str = ""
             action = policy.act(obs, info)
             t0 = time.perf_counter()
             obs, reward, terminated, truncated, info = await ep.step(action)
+            if info.get("subagent"):  # no model here to answer a sub-agent call: the env says so
+                obs = await ep.answer([None] * len(info["subagent"]))
             latencies.append(time.perf_counter() - t0)
             done = terminated or truncated
             terms = info.get("reward_terms", terms)

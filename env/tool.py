@@ -17,6 +17,11 @@
   `window` is the (start, end) seconds it looked at, for the evidence reward and the viewer.
   Raising `ToolError(message)` refuses the call with that message (a format error, nothing
   charged); any other exception is counted (`tool_crash`) and refused the same way.
+* A tool whose call the policy itself answers (a sub-agent, ParaVT's crop_video) returns
+  `ToolOutput(text, frames, window, ask=SubQuery(prompt, max_tokens))`: its frames go to the
+  sub-agent, not to the episode, and cost nothing of the episode's frame budget. The agent loop
+  runs the sub-agent's episode on the same engine and its answer becomes the call's output; a
+  driver with no model (`weft check-env`) gets an error observation instead.
 * `label(args)`: the short text the viewer shows for a call (default: name(arguments)).
 `env.tools` in the config lists a run's tools: built-in names or `module:attribute`, resolved
 (`resolve_tools`) in the process that runs the env, so a user's tool works inside a Ray env
@@ -45,10 +50,19 @@ class ToolError(Exception):
 
 
 @dataclass(frozen=True)
+class SubQuery:
+    """What a sub-agent tool asks the policy: a prompt shown after the call's frames, and an answer cap."""
+
+    prompt: str
+    max_tokens: int = 512
+
+
+@dataclass(frozen=True)
 class ToolOutput:
     text: str
     frames: Sequence[np.ndarray] = ()  # images from video.get_frames, in the order the model sees them
     window: Optional[tuple[float, float]] = None  # seconds looked at (evidence reward, viewer)
+    ask: Optional[SubQuery] = None  # set: the policy answers this call as a sub-agent, from `frames`
 
 
 @dataclass(frozen=True)

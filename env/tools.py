@@ -23,6 +23,7 @@ Semantic decisions of the built-ins:
 
 from __future__ import annotations
 
+import json
 import math
 import random
 import threading
@@ -158,6 +159,8 @@ def check_schema(value: Any, schema: dict, path: str) -> Optional[str]:
     kind = schema.get("type")
     if kind is not None and not _is_type(value, kind):
         return f"{path} must be {_type_words(kind)}, got {_describe(value)}"
+    if "enum" in schema and value not in schema["enum"]:
+        return f"{path} must be one of {', '.join(json.dumps(v) for v in schema['enum'])}, got {_describe(value)}"
     if kind == "object":
         return _check_object(value, schema, path)
     if kind == "array":
@@ -208,6 +211,8 @@ def _check_number(value: float, schema: dict, path: str) -> Optional[str]:
     if isinstance(value, int) and abs(value) > 1e300:  # would overflow float() below
         return f"{path} is far too large"
     lo, hi = schema.get("minimum"), schema.get("maximum")
+    if "exclusiveMinimum" in schema and value <= schema["exclusiveMinimum"]:
+        return f"{path} must be > {_num(schema['exclusiveMinimum'])}, got {_num(value)}"
     if lo is not None and value < lo or hi is not None and value > hi:
         if hi is None:
             return f"{path} must be >= {_num(lo)}, got {_num(value)}"
@@ -375,12 +380,15 @@ def sample_valid_args(schema: dict, rng: random.Random, duration: float) -> dict
 
 def _sample_value(schema: dict, rng: random.Random, duration: float) -> Any:
     kind = schema.get("type")
+    if "enum" in schema:
+        return rng.choice(list(schema["enum"]))
     if kind == "integer":
         return rng.randint(int(schema.get("minimum", 0)), int(schema.get("maximum", 100)))
     if kind == "number":
-        lo = float(schema.get("minimum", 0.0))
+        lo = float(schema.get("minimum", schema.get("exclusiveMinimum", 0.0)))
         hi = float(schema.get("maximum", duration))
-        return rng.uniform(lo, hi)
+        v = rng.uniform(lo, hi)
+        return v if v > schema.get("exclusiveMinimum", -math.inf) else (lo + hi) / 2 or hi
     if kind == "string":
         n = rng.randint(max(1, schema.get("minLength", 1)), min(40, schema.get("maxLength", 40)))
         return "".join(rng.choice("abcdefghij klmnop") for _ in range(n)).strip() or "a"
@@ -444,6 +452,8 @@ def _bad_values(schema: dict, rng: random.Random) -> list[tuple[str, Any]]:
         bad.append(("fractional", schema.get("minimum", 0) + 0.5))
     if kind == "string":
         bad += [("number", rng.uniform(0, 9)), ("list", ["a"])]
+        if "enum" in schema:
+            bad.append(("not_in_enum", "zz-" + str(rng.randint(0, 99))))
         if schema.get("minLength"):
             bad.append(("too_short", ""))
         if "maxLength" in schema:

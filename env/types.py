@@ -108,6 +108,7 @@ class Episode:
     status: str  # COMPLETED | TRUNCATED | ...
     frames_returned: int  # frames the tools returned (the overview excluded)
     duration: float = 0.0
+    texts: list[str] = field(default_factory=list)  # the model's turns as written (a forced prefix included)
 
     @property
     def windows(self) -> list[tuple[float, float]]:

@@ -181,7 +181,7 @@ Live = list[tuple[int, Trajectory]]  # (group index in the step, trajectory)
 
 
 def new_counts() -> dict[str, int]:
-    return {**{f"dropped/{r}": 0 for r in DROP_REASONS}, "zero_variance_groups": 0}
+    return {**{f"dropped/{r}": 0 for r in DROP_REASONS}, "zero_variance_groups": 0, "subagent_trajectories_trained": 0}
 
 
 def select(groups: Sequence[Group], counts: dict[str, int]) -> Live:

@@ -30,6 +30,7 @@ from torch import Tensor
 from configs.schema import LossConfig
 
 IS_MODES = ("none", "token_tis", "seq_tis", "token_mis", "geo_mask")
+POLICY_LOSSES = ("ppo", "gspo", "cispo")
 LOSS_AGGS = ("token-mean", "seq-mean-token-mean", "seq-mean-token-sum-norm")
 KL_ESTIMATORS = ("k1", "k2", "k3")
 ADV_MODES = ("grpo", "drgrpo")
@@ -47,6 +48,7 @@ METRIC_HELP = {
     "is_masked_frac": "fraction of valid tokens rejected (weight 0) by token_mis or geo_mask",
     "mismatch_kl": "KL(mu || pi_prox) estimate mean(w - 1 - log w): how far the engine is from the learner",
     "entropy": "mean per-token entropy of the current policy (only when entropy is given)",
+    "seq_ratio_mean": "gspo only: mean over sequences of the sequence ratio exp(mean log(pi/pi_prox))",
     "tokens": "number of valid (loss-mask) tokens",
 }
 
@@ -137,6 +139,10 @@ def check_loss_config(cfg: LossConfig) -> None:
     """Raise ValueError when a LossConfig (possibly built by hand, bypassing the loader) is unusable."""
     if cfg.is_mode not in IS_MODES:
         raise ValueError(f"is_mode must be one of {IS_MODES}, got {cfg.is_mode!r}")
+    if cfg.policy_loss not in POLICY_LOSSES:
+        raise ValueError(f"policy_loss must be one of {POLICY_LOSSES}, got {cfg.policy_loss!r}")
+    if cfg.entropy_coef < 0 or cfg.kl_in_reward < 0:
+        raise ValueError(f"need entropy_coef >= 0 and kl_in_reward >= 0, got {cfg.entropy_coef}, {cfg.kl_in_reward}")
     if cfg.loss_agg not in LOSS_AGGS:
         raise ValueError(f"loss_agg must be one of {LOSS_AGGS}, got {cfg.loss_agg!r}")
     if cfg.kl_estimator not in KL_ESTIMATORS:
@@ -204,14 +210,41 @@ def kl_estimate(logp: Tensor, ref_logp: Tensor, estimator: str) -> Tensor:
     return torch.exp(d) - d - 1.0
 
 
-def token_losses(logp: Tensor, prox_logp: Tensor, adv: Tensor, rho: Tensor, cfg: LossConfig, ref_logp: Optional[Tensor] = None) -> TokenLoss:
+def sequence_ratio(logp: Tensor, prox_logp: Tensor, mask: Tensor) -> Tensor:
+    """GSPO's s_i = exp(mean over the sequence's loss tokens of log(pi / pi_prox)), `[B]`, no grad."""
+    with torch.no_grad():
+        valid = (mask != 0).to(logp.dtype)
+        return torch.exp(_seq_mean(torch.where(mask != 0, logp - prox_logp, 0.0), valid))
+
+
+def token_losses(logp: Tensor, prox_logp: Tensor, adv: Tensor, rho: Tensor, cfg: LossConfig, ref_logp: Optional[Tensor] = None,
+                 seq_ratio: Optional[Tensor] = None) -> TokenLoss:
     """Elementwise loss of each token; `adv` broadcasts against logp (e.g. `[B, 1]`).
 
-    Elementwise in logp, so it can be evaluated on any slice of the tokens (chunks).
+    Elementwise in logp, so it can be evaluated on any slice of the tokens (chunks). For gspo,
+    `seq_ratio` is each token's sequence ratio s_i (constant, `sequence_ratio`): the token's ratio is
+    s_i * exp(logp - sg(logp)), worth s_i with gradient s_i * dlogp (GSPO-token), so the sequence's
+    tokens summed with weight 1/|y_i| (seq-mean-token-mean) give GSPO's sequence-level gradient.
+    For cispo the clipped ratio is a constant weight on logp (CISPO, MiniMax-M1): clipped tokens keep
+    their gradient, only its size is bounded.
     """
-    u = torch.exp(logp - prox_logp.detach())
+    if cfg.policy_loss == "gspo":
+        if seq_ratio is None:
+            raise ValueError("policy_loss=gspo needs seq_ratio")
+        u = seq_ratio.detach() * torch.exp(logp - logp.detach())
+    else:
+        u = torch.exp(logp - prox_logp.detach())
+    w = u.clamp(1.0 - cfg.clip_low, 1.0 + cfg.clip_high)
+    if cfg.policy_loss == "cispo":
+        clipped = w.detach() != u.detach()
+        pg = -(w.detach() * adv * logp)
+        dual_clipped = torch.zeros_like(clipped)
+        pg = rho * pg
+        kl = None if ref_logp is None else kl_estimate(logp, ref_logp.detach(), cfg.kl_estimator)
+        total = pg if (kl is None or cfg.kl_coef == 0) else pg + cfg.kl_coef * kl
+        return TokenLoss(total, pg, kl, clipped, dual_clipped)
     surr = u * adv
-    surr_clip = u.clamp(1.0 - cfg.clip_low, 1.0 + cfg.clip_high) * adv
+    surr_clip = w * adv
     clipped = surr_clip < surr
     pg = -torch.minimum(surr, surr_clip)
     dual_clipped = torch.zeros_like(clipped)
@@ -257,7 +290,8 @@ def _zero_invalid(x: Optional[Tensor], valid: Tensor) -> Optional[Tensor]:
     return None if x is None else torch.where(valid, x, torch.zeros((), dtype=x.dtype, device=x.device))
 
 
-def loss_metrics(tok: TokenLoss, corr: Correction, coef: Tensor, mask: Tensor, entropy: Optional[Tensor] = None) -> dict[str, Tensor]:
+def loss_metrics(tok: TokenLoss, corr: Correction, coef: Tensor, mask: Tensor, entropy: Optional[Tensor] = None,
+                 seq_ratio: Optional[Tensor] = None, entropy_coef: float = 0.0) -> dict[str, Tensor]:
     """Detached 0-dim metric tensors (see METRIC_HELP); `.item()` them when logging."""
     with torch.no_grad():
         valid = mask != 0
@@ -284,6 +318,11 @@ def loss_metrics(tok: TokenLoss, corr: Correction, coef: Tensor, mask: Tensor, e
             out["kl"] = (tok.kl * valid).sum() / nf
         if entropy is not None:
             out["entropy"] = (entropy * valid).sum() / nf
+            if entropy_coef:
+                out["loss"] = out["loss"] - entropy_coef * (coef * torch.where(valid, entropy, 0.0)).sum()
+        if seq_ratio is not None:
+            rows = valid.any(-1)
+            out["seq_ratio_mean"] = seq_ratio[rows].mean() if bool(rows.any()) else seq_ratio.new_zeros(())
         return {k: v.detach() for k, v in out.items()}
 
 
@@ -297,6 +336,8 @@ def policy_loss(logp: Tensor, prox_logp: Tensor, behavior_logp: Tensor, advantag
     Metrics are detached 0-dim tensors (no GPU sync here); see METRIC_HELP.
     """
     check_loss_inputs(logp, prox_logp, behavior_logp, advantages, mask, cfg, ref_logp, entropy)
+    if cfg.entropy_coef > 0 and entropy is None:
+        raise ValueError("entropy_coef > 0 needs entropy (with grad)")
     valid = mask != 0
     # Constants of the loss: detached, and zeroed on padding.
     prox_logp, behavior_logp, ref_logp = (_zero_invalid(None if t is None else t.detach(), valid)
@@ -304,6 +345,11 @@ def policy_loss(logp: Tensor, prox_logp: Tensor, behavior_logp: Tensor, advantag
     logp = torch.where(valid, logp, prox_logp)  # padding: u = 1, finite, and coef is 0 there anyway
     corr = behavior_correction(prox_logp, behavior_logp, mask, cfg)
     coef = aggregation_weights(mask, cfg, logp.dtype)
-    tok = token_losses(logp, prox_logp, advantages.detach()[:, None].to(logp.dtype), corr.rho.to(logp.dtype), cfg, ref_logp)
+    seq = sequence_ratio(logp, prox_logp, mask) if cfg.policy_loss == "gspo" else None
+    tok = token_losses(logp, prox_logp, advantages.detach()[:, None].to(logp.dtype), corr.rho.to(logp.dtype), cfg, ref_logp,
+                       None if seq is None else seq[:, None].expand_as(logp))
     loss = (coef * tok.total).sum()
-    return loss, loss_metrics(tok, corr, coef, mask, entropy)
+    if cfg.entropy_coef > 0:  # the bonus: higher entropy lowers the loss
+        loss = loss - cfg.entropy_coef * (coef * torch.where(valid, entropy, 0.0)).sum()
+    return loss, loss_metrics(tok, corr, coef, mask, None if entropy is None else entropy.detach(), seq,
+                              cfg.entropy_coef)

@@ -26,7 +26,7 @@ from torch import Tensor
 from configs.schema import LossConfig
 from learner import grpo
 from learner.kernels.chunked import (accumulate_grads_, acc_dtype, check_banned, check_logprob_inputs, chunk_buffers,
-                                     chunk_logits_, logit_grad_, mask_banned_, softmax_stats_)
+                                     chunk_logits_, chunked_token_logprobs, logit_grad_, mask_banned_, softmax_stats_)
 
 ChunkLoss = Callable[[Tensor, int, int], Tensor]  # (logp of rows [s:e] with grad, s, e) -> scalar loss of those rows
 
@@ -36,7 +36,9 @@ class _FusedChunkLoss(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, hidden: Tensor, weight: Tensor, targets: Tensor, chunk_loss: ChunkLoss, chunk_size: int,
-                inv_temp: float, want: tuple[bool, bool], banned: Optional[Tensor] = None):  # type: ignore[override]
+                inv_temp: float, want: tuple[bool, bool], banned: Optional[Tensor] = None,
+                ent_w: Optional[Tensor] = None):  # type: ignore[override]
+        # ent_w `[N]`: each row's weight on its entropy in the loss (the entropy bonus: -coef * beta), or None.
         n, acc = hidden.shape[0], acc_dtype(hidden.dtype)
         logp = torch.empty(n, dtype=acc, device=hidden.device)
         ent = torch.empty_like(logp)
@@ -50,6 +52,8 @@ class _FusedChunkLoss(torch.autograd.Function):
             z, p = zbuf[: e - s], pbuf[: e - s]
             mask_banned_(chunk_logits_(z, hidden[s:e], weight, inv_temp), banned)
             logp[s:e], _, ent[s:e] = softmax_stats_(z, targets[s:e], p)
+            if ent_w is not None:
+                total += (ent_w[s:e] * ent[s:e]).sum()
             if not want_grad:
                 total += chunk_loss(logp[s:e], s, e)
                 continue
@@ -58,7 +62,12 @@ class _FusedChunkLoss(torch.autograd.Function):
                 loss_c = chunk_loss(lp, s, e)
                 (g,) = torch.autograd.grad(loss_c, lp)
             total += loss_c.detach()
-            G = logit_grad_(p, targets[s:e], g, inv_temp)
+            if ent_w is not None:  # z is logits - rowmax: log p + H = z - (z[target] - logp) + H
+                shift = z.gather(1, targets[s:e, None]).squeeze(1) - logp[s:e]
+                z.sub_(shift[:, None]).add_(ent[s:e, None])
+                G = logit_grad_(p, targets[s:e], g, inv_temp, z, ent_w[s:e])
+            else:
+                G = logit_grad_(p, targets[s:e], g, inv_temp)
             accumulate_grads_(G, hidden[s:e], weight, None if dh is None else dh[s:e], dw)
         # Plain attributes, not save_for_backward: these are results, not inputs to recompute from.
         ctx.grads = (dh, dw)
@@ -75,7 +84,7 @@ class _FusedChunkLoss(torch.autograd.Function):
         # In place: a second [V, H] copy of the weight gradient would raise the peak.
         gh = None if dh is None else dh.mul_(g_total).to(dt_h)
         gw = None if dw is None else dw.mul_(g_total).to(dt_w)
-        return gh, gw, None, None, None, None, None, None
+        return gh, gw, None, None, None, None, None, None, None
 
 
 def fused_policy_loss(hidden: Tensor, lm_head_weight: Tensor, targets: Tensor, advantages: Tensor, prox_logp: Tensor,
@@ -113,18 +122,28 @@ def fused_policy_loss(hidden: Tensor, lm_head_weight: Tensor, targets: Tensor, a
 
     prox_s, adv_s, rho_s, coef_s = flat(prox), flat(adv_tok), flat(corr.rho.to(acc)), flat(coef)
     ref_s = None if ref is None else flat(ref)
+    seq = seq_s = None
+    if cfg.policy_loss == "gspo":  # s_i needs every token's current logprob first: one forward-only logits pass
+        with torch.no_grad():
+            now = chunked_token_logprobs(h_rows.detach(), lm_head_weight.detach(), tg, chunk_size=chunk_size,
+                                         temperature=temperature, banned=banned).to(acc)
+        seq = grpo.sequence_ratio(zeros.reshape(-1).index_copy(0, rows, now).view(b, t), prox, mask)
+        seq_s = flat(seq[:, None].expand(b, t))
 
     def chunk_loss(lp: Tensor, s: int, e: int) -> Tensor:
-        tok = grpo.token_losses(lp, prox_s[s:e], adv_s[s:e], rho_s[s:e], cfg, None if ref_s is None else ref_s[s:e])
+        tok = grpo.token_losses(lp, prox_s[s:e], adv_s[s:e], rho_s[s:e], cfg, None if ref_s is None else ref_s[s:e],
+                                None if seq_s is None else seq_s[s:e])
         return (coef_s[s:e] * tok.total).sum()
 
     grad_on = torch.is_grad_enabled()
     want = (grad_on and hidden.requires_grad, grad_on and lm_head_weight.requires_grad)
+    ent_w = -cfg.entropy_coef * coef_s if cfg.entropy_coef > 0 else None
     loss, logp_s, ent_s = _FusedChunkLoss.apply(h_rows, lm_head_weight.contiguous(), tg.long().contiguous(), chunk_loss,
                                                 chunk_size, 1.0 / float(temperature), want,
-                                                check_banned(banned, lm_head_weight))
+                                                check_banned(banned, lm_head_weight), ent_w)
     # Metrics from the same pieces policy_loss uses, on the (detached) logprobs.
     logp = zeros.reshape(-1).index_copy(0, rows, logp_s).view(b, t)
     ent = zeros.reshape(-1).index_copy(0, rows, ent_s).view(b, t)
-    tok = grpo.token_losses(torch.where(valid, logp, prox), prox, adv_tok, corr.rho.to(acc), cfg, ref)
-    return loss, grpo.loss_metrics(tok, corr, coef, mask, ent)
+    tok = grpo.token_losses(torch.where(valid, logp, prox), prox, adv_tok, corr.rho.to(acc), cfg, ref,
+                            None if seq is None else seq[:, None].expand(b, t))
+    return loss, grpo.loss_metrics(tok, corr, coef, mask, ent, seq, cfg.entropy_coef)

@@ -37,6 +37,8 @@ TRAINER_HELP = {
     "trajectories": "trajectories in the groups taken",
     "trajectories_trained": "trajectories trained on",
     "zero_variance_groups": "groups dropped because all their rewards agreed (no GRPO signal)",
+    "subagent_trajectories_trained": "sub-agent trajectories trained with their episode's advantage (trainer.train_subagents)",
+    "kl_in_reward/seq_kl_mean": "mean over the step's trajectories of sum_t log(mu / pi_ref), the KL taken off rewards (loss.kl_in_reward)",
     "dropped/failed": "FAILED trajectories dropped (never trained on)",
     "dropped/aborted": "ABORTED trajectories dropped (the episode was stopped from outside)",
     "dropped/hash_mismatch": "trajectories dropped because a re-decoded image did not match its recorded content hash",

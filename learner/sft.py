@@ -7,6 +7,9 @@ Owns
   so SFT and RL share one data path (learner/batch.py);
 * `sft_step` / `run_sft`: the supervised loss, -mean log p of the model-turn
   tokens (the same chunked, banned-id-aware logprobs as the RL loss);
+* `decoupled_mask`: Video-o3's task-decoupled attention for a fraction of the SFT batches
+  (trainer.sft_decoupled_mask_frac): answer tokens do not see the global overview's images, and
+  each zoom turn does not see the earlier turns' zoomed clips;
 * `valid_action_rate`: how often the model's own continuation of a held-out
   turn parses as a clean action (`env.parser.parse_action` with no errors);
 * `main_sft`: the `weft sft` command.
@@ -88,22 +91,29 @@ class SftModel:
                                            eps=self.tc.eps, weight_decay=self.tc.weight_decay)
 
     def micro_batches(self, samples: Sequence[Sample]) -> list[MicroBatch]:
-        return [collate([samples[i] for i in idx], pad_id=self.pad_id, image_token_id=self.image_token_id,
-                        video_token_id=self.video_token_id, device=self.device, token_types=self.token_types)
+        return [self.collate([samples[i] for i in idx])
                 for idx in pack([s.num_tokens for s in samples], self.tc.micro_batch_tokens)]
 
-    def step(self, samples: Sequence[Sample]) -> dict[str, float]:
-        """One optimizer step of -mean log p over the samples' model-turn tokens."""
+    def collate(self, rows: Sequence[Sample]) -> MicroBatch:
+        return collate(rows, pad_id=self.pad_id, image_token_id=self.image_token_id, video_token_id=self.video_token_id,
+                       device=self.device, token_types=self.token_types)
+
+    def step(self, samples: Sequence[Sample], decoupled: bool = False) -> dict[str, float]:
+        """One optimizer step of -mean log p over the samples' model-turn tokens; `decoupled`: under
+        Video-o3's task-decoupled attention mask (`decoupled_mask`)."""
         t0 = time.perf_counter()
-        mbs = self.micro_batches(samples)
+        packs = pack([s.num_tokens for s in samples], self.tc.micro_batch_tokens)
+        mbs = [self.collate([samples[i] for i in idx]) for idx in packs]
         total = float(sum(int(mb.mask.sum()) for mb in mbs))
         if total == 0:
             raise ValueError("SFT batch has no model-turn tokens")
         self.optimizer.zero_grad(set_to_none=True)
         nll, correct = 0.0, 0
-        for mb in mbs:
+        for idx, mb in zip(packs, mbs):
+            inputs = masked_inputs(self.model, mb.inputs, [samples[i] for i in idx], self.image_token_id) \
+                if decoupled else mb.inputs
             with autocast(self.device, self.dtype):
-                hidden = hidden_states(self.model, mb.inputs)[:, :-1]
+                hidden = hidden_states(self.model, inputs)[:, :-1]
             h = hidden[mb.mask]
             w = lm_head_weight(self.model)
             w = w if w.dtype == h.dtype else w.to(h.dtype)
@@ -118,6 +128,7 @@ class SftModel:
         self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
         return {"sft/loss": nll, "sft/token_acc": correct / total, "sft/tokens": int(total),
+                "sft/decoupled_mask": float(decoupled),
                 "grad_norm": float(norm), "lr": self.tc.sft_lr, "time/step_s": time.perf_counter() - t0}
 
 
@@ -147,11 +158,69 @@ def run_sft(sm: SftModel, samples: Sequence[Sample], steps: int, *, seed: int = 
             if not order:
                 order = rng.permutation(len(samples)).tolist()
             batch.append(samples[order.pop()])
-        m = sm.step(batch)
+        # Drawn only when on, so a run without the mask sees the same batches as before the knob existed.
+        frac = sm.tc.sft_decoupled_mask_frac
+        m = sm.step(batch, decoupled=frac > 0 and bool(rng.random() < frac))
         history.append(m)
         if logger is not None:
             logger.log(step, m)
     return history
+
+
+# ------------------------------------------------------------------ Video-o3's task-decoupled mask
+
+
+def decoupled_mask(token_ids: np.ndarray, loss_mask: np.ndarray, image_token_id: int, length: Optional[int] = None) -> np.ndarray:
+    """Which key each query may attend to, `[T, T]` bool (T = `length`, default the sample's own; longer
+    is right padding, causal): causal attention, except that
+    * the answer turn (the last model turn, and the position that predicts its first token) does not see
+      the global overview's image tokens (the images of the first prompt), so the answer rests on what
+      the zooms showed;
+    * every other position from zoom clip k on (clip k: the images of the observation after model turn
+      k; its own text, images and the model turn that follows) does not see the image tokens of the
+      clips before k, so each zoom turn reasons from its own clip.
+    Text never disappears: timestamps, questions and tool outputs stay visible."""
+    n = len(token_ids)
+    t = n if length is None else int(length)
+    gen = np.asarray(loss_mask, bool)
+    turn = np.cumsum(gen & ~np.r_[False, gen[:-1]])  # generated: its turn (1-based); context: turns before it
+    img = (np.asarray(token_ids) == image_token_id) & ~gen
+    overview = img & (turn == 0)
+    clip = np.where(img & (turn > 0), turn, 0)  # images of the observation after turn k: clip k
+    stage = np.where(gen, turn - 1, turn)  # the newest clip a position has seen
+    answer = gen & (turn == turn[-1]) if n else gen
+    answer = answer | np.r_[answer[1:], False]  # and the position that predicts its first token
+    allowed = np.tril(np.ones((t, t), bool))
+    block = (answer[:, None] & overview[None, :]) | (
+        ~answer[:, None] & (clip[None, :] >= 1) & (clip[None, :] < stage[:, None]))
+    allowed[:n, :n] &= ~block
+    return allowed
+
+
+def masked_inputs(model: Any, inputs: dict[str, Any], samples: Sequence[Sample], image_token_id: Optional[int]) -> dict[str, Any]:
+    """`inputs` with the decoupled mask of each row as a 4-D attention mask, and the positions (M-RoPE
+    included) computed first from the plain 2-D mask, which the 4-D one replaces."""
+    if image_token_id is None:
+        raise ValueError("the decoupled mask needs a vision-language model (an image token id)")
+    impl = getattr(model.config, "_attn_implementation", "sdpa") or "sdpa"
+    if impl.startswith("flash"):
+        raise ValueError(f"attention {impl!r} takes no 4-D mask; load the model with sdpa or eager for the decoupled mask")
+    ids, attn = inputs["input_ids"], inputs["attention_mask"]
+    t = ids.shape[1]
+    allowed = torch.as_tensor(np.stack([decoupled_mask(s.token_ids, s.loss_mask, image_token_id, t) for s in samples]),
+                              device=ids.device)[:, None]
+    base = getattr(model, model.base_model_prefix)
+    pos = base.compute_3d_position_ids(input_ids=ids, image_grid_thw=inputs.get("image_grid_thw"), video_grid_thw=None,
+                                       inputs_embeds=None, attention_mask=attn, past_key_values=None,
+                                       mm_token_type_ids=inputs.get("mm_token_type_ids"))
+    out = dict(inputs)
+    out["position_ids"] = pos
+    if impl == "eager":  # eager adds the mask to the scores
+        out["attention_mask"] = torch.zeros(allowed.shape, dtype=torch.float32, device=ids.device).masked_fill(
+            ~allowed, torch.finfo(torch.float32).min)
+    else:
+        out["attention_mask"] = allowed
+    return out
 
 
 # ------------------------------------------------------------------ does the model speak the format?

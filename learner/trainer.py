@@ -187,6 +187,7 @@ class Trainer:
         self.banned = torch.tensor(self.banned_list, dtype=torch.long, device=self.device)
         self.pad_id = pad_id_of(self.tokenizer, (self.image_token_id, self.video_token_id))
         self.dummy_vision = dummy_vision_inputs(self.processor, self.device) if sharded else None
+        self.ref_policy = self._reference(model_dir, source)
         self.params = self.policy.parameters()
         self.optimizer = torch.optim.AdamW(self.params, lr=self.tc.lr, betas=tuple(self.tc.betas), eps=self.tc.eps,
                                            weight_decay=self.tc.weight_decay)
@@ -207,6 +208,18 @@ class Trainer:
                 self.server.advance_version(self.version)
         self.metrics = (MetricsLogger(self.run_dir, self.tc.tensorboard, self.step if self.resumed_from else None)
                         if log_metrics and self.comm.is_main else None)
+
+    def _reference(self, model_dir: Optional[str | Path], source: Path) -> Optional[Any]:
+        """The frozen reference policy (the run's starting model, never a resumed checkpoint), sharded like
+        the policy; only when a KL term needs it (loss.kl_coef, loss.kl_in_reward)."""
+        if not (self.cfg.loss.kl_coef > 0 or self.cfg.loss.kl_in_reward > 0):
+            return None
+        ref = load_policy(Path(model_dir or self.cfg.model or source), self.comm,
+                          mixed_precision=self.comm.distributed and self.dtype != torch.float32)
+        ref.module.eval()
+        for p in ref.module.parameters():
+            p.requires_grad_(False)
+        return ref
 
     # ---- checkpoints
     def state(self) -> dict[str, Any]:
@@ -290,7 +303,8 @@ class Trainer:
                         video_token_id=self.video_token_id, device=self.device, token_types=self.token_types)
                 for idx in pack([s.num_tokens for s in samples], self.tc.micro_batch_tokens)]
 
-    def _forward(self, mb: Optional[MicroBatch], head: Callable[[Tensor, Tensor], Any]) -> tuple[Any, Optional[Tensor]]:
+    def _forward(self, mb: Optional[MicroBatch], head: Callable[[Tensor, Tensor], Any],
+                 policy: Any = None) -> tuple[Any, Optional[Tensor]]:
         """Run the policy on a micro-batch (None: this rank's filler, see `_step`) and `head` on its
         shifted final hidden states and the LM head. The head runs outside autocast: the fused loss
         keeps its own fp32 accumulators."""
@@ -307,7 +321,7 @@ class Trainer:
                 return head(hidden, weight)
 
         with autocast(self.device, self.autocast_dtype):
-            return self.policy(inputs, shifted, dummy)
+            return (policy or self.policy)(inputs, shifted, dummy)
 
     def _filler_inputs(self) -> dict[str, Tensor]:
         """Two pad tokens: the forward a rank with fewer micro-batches runs so its collectives match."""
@@ -315,8 +329,9 @@ class Trainer:
         return {"input_ids": ids, "attention_mask": torch.ones_like(ids)}
 
     @torch.no_grad()
-    def token_logprobs(self, mb: Optional[MicroBatch]) -> Optional[Tensor]:
-        """Processed logprob of each loss token under the current weights `[B, T-1]` (0 elsewhere)."""
+    def token_logprobs(self, mb: Optional[MicroBatch], policy: Any = None) -> Optional[Tensor]:
+        """Processed logprob of each loss token under the current weights (or `policy`'s, e.g. the
+        reference) `[B, T-1]` (0 elsewhere)."""
         def head(hidden: Tensor, weight: Tensor) -> Optional[Tensor]:
             if mb is None:
                 return None
@@ -328,20 +343,56 @@ class Trainer:
                                                    temperature=self.tc.temperature, banned=self.banned).float()
             return out
 
-        return self._forward(mb, head)[0]
+        return self._forward(mb, head, policy)[0]
 
-    def _loss(self, mb: Optional[MicroBatch], prox: Optional[Tensor]) -> tuple[Tensor, dict[str, Tensor]]:
+    def _loss(self, mb: Optional[MicroBatch], prox: Optional[Tensor],
+              ref: Optional[Tensor] = None) -> tuple[Tensor, dict[str, Tensor]]:
         def head(hidden: Tensor, weight: Tensor) -> tuple[Tensor, dict[str, Tensor]]:
             if mb is None:  # the filler: zero, but every parameter of the pass is in the graph
                 return 0.0 * (hidden.float().sum() + weight.float().sum()), {}
             return fused_policy_loss(hidden, weight, mb.targets, mb.advantages, prox, mb.behavior_logprobs,
                                      mb.mask, self.cfg.loss, chunk_size=self.tc.chunk_size,
-                                     temperature=self.tc.temperature, banned=self.banned)
+                                     temperature=self.tc.temperature, banned=self.banned, ref_logp=ref)
 
         (loss, m), anchor = self._forward(mb, head)
         return (loss if anchor is None else loss + anchor), m
 
     # ---- one step
+    def _kl_in_reward(self, table: Sequence[tuple[int, float]], mine: Sequence[tuple[int, Trajectory, tuple]],
+                      metrics: dict[str, Any]) -> list[tuple[int, float]]:
+        """The step's (group, reward) table with each reward lowered by kl_in_reward x the sum over the
+        trajectory's generated tokens of log(mu / pi_ref) (k1, as verl's use_kl_in_reward; mu: the engine's
+        logprobs, the policy that sampled them). Every rank scores its own trajectories with the reference
+        and all ranks get the same table."""
+        samples = [to_sample(t, media, 0.0) for _, t, media in mine]
+        order = pack([s.num_tokens for s in samples], self.tc.micro_batch_tokens) if samples else []
+        n_mb = self.comm.max(len(order))
+        sums: dict[int, float] = {}
+        for k in range(n_mb):
+            idx = order[k] if k < len(order) else []
+            mb = self.micro_batches([samples[j] for j in idx])[0] if idx else None
+            ref = self.token_logprobs(mb, self.ref_policy)  # fillers keep the ranks' collectives in step
+            if mb is None:
+                continue
+            kl = torch.where(mb.mask, mb.behavior_logprobs - ref, 0.0).sum(-1)
+            for j, v in zip(idx, kl.tolist()):
+                sums[mine[j][0]] = v
+        gathered = {r: v for part in self.comm.all_gather(sums) for r, v in part.items()}
+        beta = self.cfg.loss.kl_in_reward
+        if gathered and self.comm.is_main:
+            metrics["kl_in_reward/seq_kl_mean"] = float(np.mean(list(gathered.values())))
+        return [(g, r - beta * gathered.get(row, 0.0)) for row, (g, r) in enumerate(table)]
+
+    def _subagent_samples(self, parents: Sequence[tuple[Trajectory, float]], counts: dict[str, int],
+                          errors: list[str]) -> list[Sample]:
+        """The sub-agent trajectories of the trained episodes, each with its episode's advantage (ParaVT's
+        switch): they are the policy too, credited for the episode they served."""
+        kids = [(c, a) for t, a in parents for c in t.children if c.status not in (Status.FAILED, Status.ABORTED)]
+        ready = materialise([(0, c) for c, _ in kids], processor=self.processor, image_token_id=self.image_token_id,
+                            banned=self.banned_list, decoder=self._decoder(), counts=counts, errors=errors)
+        counts["subagent_trajectories_trained"] += len(ready)
+        return [to_sample(c, media, kids[row][1]) for row, c, media in ready]
+
     def lr_at(self, step: int) -> float:
         if self.tc.warmup_steps <= 0:
             return self.tc.lr
@@ -374,8 +425,14 @@ class Trainer:
         ready = materialise(live, processor=self.processor, image_token_id=self.image_token_id,
                             banned=self.banned_list, decoder=self._decoder(), counts=counts, errors=errors)
         survivors = [r for part in comm.all_gather([share.rows[i] for i, _, _ in ready]) for r in part]
-        adv = score(share.table, survivors, self.tc.adv_mode, counts if comm.is_main else None)
+        table = share.table
+        if self.cfg.loss.kl_in_reward > 0:
+            table = self._kl_in_reward(table, [(share.rows[i], t, media) for i, t, media in ready], metrics)
+        adv = score(table, survivors, self.tc.adv_mode, counts if comm.is_main else None)
         samples = [to_sample(t, media, adv[share.rows[i]]) for i, t, media in ready if share.rows[i] in adv]
+        if self.tc.train_subagents:
+            samples += self._subagent_samples([(t, adv[share.rows[i]]) for i, t, _ in ready if share.rows[i] in adv],
+                                              counts, errors)
         for e in errors:
             log.warning("dropped trajectory %s", e)
         gathered = comm.gather(counts)
@@ -394,6 +451,7 @@ class Trainer:
         n_mb = comm.max(len(mbs))
         mbs += [None] * (n_mb - len(mbs))
         prox = [self.token_logprobs(mb) for mb in mbs]
+        refs = [self.token_logprobs(mb, self.ref_policy) for mb in mbs] if self.cfg.loss.kl_coef > 0 else [None] * n_mb
         t_prox = time.perf_counter()
         n_updates = min(self.tc.updates_per_step, n_mb)
         splits = np.array_split(np.arange(n_mb), n_updates)
@@ -411,7 +469,7 @@ class Trainer:
             self.optimizer.zero_grad(set_to_none=True)
             for i, c in zip(split, counts_k):
                 w = c / total if total else 0.0
-                loss, m = self._loss(mbs[i], prox[i])
+                loss, m = self._loss(mbs[i], prox[i], refs[i])
                 if not torch.isfinite(loss):
                     raise FloatingPointError(f"step {self.step}: non-finite loss {float(loss)}")
                 (loss * w).backward()

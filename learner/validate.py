@@ -176,6 +176,17 @@ def validate_group(group: Group, limits: Limits, columns: Optional[dict[str, np.
             return _at(err, i, t)
     if not any(generated):
         return "no_generated_tokens: no trajectory in the group has a generated token"
+    return _check_children(trajs, limits)
+
+
+def _check_children(trajs: list[Trajectory], limits: Limits) -> Optional[str]:
+    """Sub-agent trajectories get the same per-token, shape and media checks as their parents."""
+    for i, t in enumerate(trajs):
+        for c in t.children:
+            err = _check_shapes(c) or _check_tokens([c], limits, {}) or _check_media(c, limits)
+            if err:
+                reason, detail = err.split(":", 1)
+                return _at(f"{reason}: in sub-agent {c.traj_id!r}:{detail}", i, t)
     return None
 
 

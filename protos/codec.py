@@ -142,6 +142,8 @@ def _traj_to_map(t: Trajectory, section: Optional[_DataSection] = None) -> dict:
             out[name] = v.value
         elif name == "pixels":
             out[name] = None if v is None else [encode_array(p, section) for p in v]
+        elif name == "children":
+            out[name] = [_traj_to_map(c, section) for c in v]
         else:
             out[name] = v
     return out
@@ -160,7 +162,8 @@ def _group_to_map(g: Group) -> dict:
 # A field whose arrays are not all 1-D of one dtype (only a broken trajectory has that) is
 # sent as a list of per-trajectory array maps instead, so that validation sees it as it is.
 COLUMNAR = "group_columnar"
-_SCALAR_FIELDS = ("traj_id", "group_id", "task_id", "status", "reward", "reward_terms", "metrics", "metadata", "pixels")
+_SCALAR_FIELDS = ("traj_id", "group_id", "task_id", "status", "reward", "reward_terms", "metrics", "metadata", "pixels",
+                  "children")
 
 
 def _columnar_to_map(g: Group, section: _DataSection) -> dict:
@@ -182,6 +185,7 @@ def _columnar_to_map(g: Group, section: _DataSection) -> dict:
     traj = {name: [getattr(t, name) for t in trajs] for name in _SCALAR_FIELDS}
     traj["status"] = [t.status.value for t in trajs]
     traj["pixels"] = [None if t.pixels is None else [encode_array(p, section) for p in t.pixels] for t in trajs]
+    traj["children"] = [[_traj_to_map(c, section) for c in t.children] for t in trajs]
     return {"kind": COLUMNAR, "group_id": g.group_id, "task_id": g.task_id, "metadata": g.metadata,
             "traj": traj, "arrays": arrays, "media": media}
 
@@ -237,7 +241,8 @@ def _columnar_from_map(d: dict, data: Optional[memoryview]) -> tuple[Group, dict
                 reward_terms=dict(fields["reward_terms"][i]), status=Status(fields["status"][i]),
                 group_id=str(fields["group_id"][i]), task_id=str(fields["task_id"][i]), traj_id=str(ids[i]),
                 metrics=dict(fields["metrics"][i]), metadata=dict(fields["metadata"][i]),
-                pixels=None if pixels is None else [decode_array(p, data) for p in pixels]))
+                pixels=None if pixels is None else [decode_array(p, data) for p in pixels],
+                children=_children_from_maps(fields["children"][i], data)))
             start += count
     except (ValueError, TypeError) as e:
         raise CodecError(f"bad trajectory: {e}") from None
@@ -293,11 +298,24 @@ def _traj_from_map(d: dict, data: Optional[memoryview] = None) -> Trajectory:
     kw["media"] = [_frame_ref_from_map(r) for r in kw.get("media", [])]
     if kw.get("pixels") is not None:
         kw["pixels"] = [decode_array(p, data) for p in kw["pixels"]]
+    kw["children"] = _children_from_maps(kw.get("children", []), data)
     try:
         kw["status"] = Status(kw.get("status", "COMPLETED"))
         return Trajectory(**kw)
     except (ValueError, TypeError) as e:
         raise CodecError(f"bad trajectory: {e}") from None
+
+
+def _children_from_maps(maps: Any, data: Optional[memoryview]) -> list[Trajectory]:
+    """A trajectory's sub-agent trajectories; they may not have children of their own."""
+    if not isinstance(maps, list):
+        raise CodecError("children must be a list of trajectories")
+    out = []
+    for m in maps:
+        if not isinstance(m, dict) or m.get("kind") != "trajectory" or m.get("children"):
+            raise CodecError("a child must be a trajectory map without children of its own")
+        out.append(_traj_from_map(m, data))
+    return out
 
 
 def to_map(rec: Record, section: Optional[_DataSection] = None) -> dict:

@@ -72,6 +72,9 @@ class Trajectory:
     metrics: dict[str, float] = field(default_factory=dict)  # turns, tool calls, frames, timings
     metadata: dict[str, Any] = field(default_factory=dict)  # free-form extras (error reason, turn texts)
     pixels: Optional[list[np.ndarray]] = None  # inline images, only when configured to send them
+    # Sub-agent episodes this episode's tool calls ran on the policy (ParaVT's crop_video), recorded under
+    # its id; the learner trains them with this episode's advantage when trainer.train_subagents is on.
+    children: list["Trajectory"] = field(default_factory=list)
 
     def __post_init__(self) -> None:
         self.token_ids = np.asarray(self.token_ids, dtype=np.int32)

@@ -207,3 +207,110 @@ def test_fused_loss_on_cuda_bf16(gen):
     want.backward()
     assert abs(loss.item() - want.item()) <= 2e-2 * scale
     assert rel(h.grad.cpu(), h64.grad) < 3e-2 and rel(w.grad.cpu(), w64.grad) < 3e-2
+
+
+# ---------------------------------------------------------------- the recipes' loss variants
+# References written from the papers' formulas, in float64 from full logits, with autograd through
+# every ratio (GSPO's sequence ratio included): the fused loss's stop-gradient forms must agree.
+
+
+def variant_reference(hidden, weight, targets, adv, prox, mask, cfg: LossConfig):
+    """GSPO (Zheng et al. 2025, eq. 5-7), CISPO (MiniMax-M1, eq. 4) or PPO, plus the entropy bonus."""
+    m = mask.double()
+    logits = hidden.double() @ weight.double().t()
+    logp_all = torch.log_softmax(logits, -1)
+    logp = logp_all.gather(-1, targets.clamp(min=0)[..., None]).squeeze(-1).where(mask, 0.0)
+    prox = prox.double().where(mask, 0.0)
+    a = adv.double()
+    n_tok = m.sum(1)
+    rows = n_tok > 0
+    lo, hi = 1 - cfg.clip_low, 1 + cfg.clip_high
+    if cfg.policy_loss == "gspo":
+        s = torch.exp(((logp - prox) * m).sum(1) / n_tok.clamp(min=1))
+        per_seq = -torch.minimum(s * a, s.clamp(lo, hi) * a)
+        if cfg.loss_agg == "seq-mean-token-mean":
+            loss = per_seq[rows].mean()
+        else:  # token-mean: each sequence's term counted once per token
+            loss = (per_seq * n_tok).sum() / n_tok.sum()
+    elif cfg.policy_loss == "cispo":
+        r = torch.exp(logp - prox)
+        loss = -((r.detach().clamp(lo, hi) * a[:, None] * logp) * m).sum() / m.sum()
+    else:
+        r = torch.exp(logp - prox)
+        tok = torch.maximum(-r * a[:, None], -r.clamp(lo, hi) * a[:, None])
+        loss = (tok * m).sum() / m.sum()
+    if cfg.entropy_coef:
+        ent = -(logp_all.exp() * logp_all).sum(-1)
+        loss = loss - cfg.entropy_coef * (ent * m).sum() / m.sum()
+    return loss
+
+
+def _away_from_gspo_bounds(hidden, weight, targets, prox, mask, cfg) -> bool:
+    with torch.no_grad():
+        logp = torch.log_softmax(hidden.double() @ weight.double().t(), -1).gather(
+            -1, targets.clamp(min=0)[..., None]).squeeze(-1)
+        m = mask.double()
+        s = torch.exp(((logp - prox.double()) * m).sum(1) / m.sum(1).clamp(min=1))[m.sum(1) > 0]
+    return all(bool(((s / c - 1).abs() > 1e-3).all()) for c in (1 - cfg.clip_low, 1 + cfg.clip_high))
+
+
+VARIANTS = [
+    LossConfig(policy_loss="gspo", is_mode="none", loss_agg="seq-mean-token-mean", clip_low=0.05, clip_high=0.08),
+    LossConfig(policy_loss="gspo", is_mode="none", loss_agg="token-mean", clip_low=0.05, clip_high=0.08),
+    LossConfig(policy_loss="cispo", is_mode="none", loss_agg="token-mean", clip_low=0.2, clip_high=0.28),
+    LossConfig(policy_loss="ppo", is_mode="none", loss_agg="token-mean", entropy_coef=0.01),
+    LossConfig(policy_loss="cispo", is_mode="none", loss_agg="token-mean", entropy_coef=0.003),
+]
+
+
+@pytest.mark.parametrize("cfg", VARIANTS, ids=lambda c: f"{c.policy_loss}-{c.loss_agg}-ent{c.entropy_coef}")
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+def test_loss_variants_match_their_float64_formulas(gen, cfg, dtype):
+    """Value and gradients of the fused loss and of policy_loss (full logits) against the formula: 1e-6
+    relative in float64 (the acceptance bar), 1e-5 from float32 inputs."""
+    from learner.kernels.chunked import chunked_token_logprobs
+
+    for _ in range(50):
+        hidden, weight, targets, adv, prox, behav, mask, _ = make_batch(gen, cfg)
+        if cfg.policy_loss != "gspo" or _away_from_gspo_bounds(hidden, weight, targets, prox, mask, cfg):
+            break
+    tol = 1e-6 if dtype == torch.float64 else 1e-5
+    h64, w64 = hidden.double().requires_grad_(True), weight.double().requires_grad_(True)
+    want = variant_reference(h64, w64, targets, adv, prox, mask, cfg)
+    dh64, dw64 = torch.autograd.grad(want, (h64, w64))
+    h, w = hidden.to(dtype).requires_grad_(True), weight.to(dtype).requires_grad_(True)
+    p, b_ = prox.to(dtype), prox.to(dtype)  # on-policy behaviour: is_mode none, weights exactly 1
+    loss, metrics = fused_policy_loss(h, w, targets, adv.to(dtype), p, b_, mask, cfg, chunk_size=7)
+    dh, dw = torch.autograd.grad(loss, (h, w))
+    assert abs(loss.item() - want.item()) <= tol * max(1.0, abs(want.item())), (loss.item(), want.item())
+    assert rel(dh, dh64) < tol and rel(dw, dw64) < tol, (rel(dh, dh64), rel(dw, dw64))
+    # policy_loss on full logits (the unfused path) agrees too, entropy bonus included
+    h2, w2 = hidden.to(dtype).requires_grad_(True), weight.to(dtype).requires_grad_(True)
+    rows = mask.reshape(-1)
+    lp, ent = chunked_token_logprobs(h2.reshape(-1, h2.shape[-1])[rows], w2, targets.reshape(-1)[rows], chunk_size=7,
+                                     return_entropy=True)
+    full_lp = torch.zeros(mask.shape, dtype=lp.dtype).masked_scatter(mask, lp)
+    full_ent = torch.zeros(mask.shape, dtype=ent.dtype).masked_scatter(mask, ent)
+    loss2, m2 = policy_loss(full_lp, p, b_, adv.to(dtype), mask, cfg, entropy=full_ent)
+    dh2, dw2 = torch.autograd.grad(loss2, (h2, w2))
+    assert abs(loss2.item() - want.item()) <= tol * max(1.0, abs(want.item()))
+    assert rel(dh2, dh64) < tol and rel(dw2, dw64) < tol
+    assert abs(float(metrics["loss"]) - want.item()) <= tol * max(1.0, abs(want.item()))
+    if cfg.policy_loss == "gspo":
+        assert "seq_ratio_mean" in metrics
+
+
+def test_cispo_keeps_the_gradient_of_clipped_tokens(gen):
+    """The point of CISPO: a token whose ratio is far outside the clip range still gets gradient (PPO's is 0)."""
+    cfg_c = LossConfig(policy_loss="cispo", is_mode="none", clip_low=0.2, clip_high=0.28)
+    cfg_p = LossConfig(policy_loss="ppo", is_mode="none", clip_low=0.2, clip_high=0.28)
+    hidden, weight, targets, adv, prox, behav, mask, _ = make_batch(gen, cfg_c)
+    adv = torch.ones_like(adv)
+    prox = prox - 5.0  # every ratio exp(5) >> 1.28: PPO clips all of them
+    grads = {}
+    for name, cfg in (("cispo", cfg_c), ("ppo", cfg_p)):
+        h = hidden.clone().requires_grad_(True)
+        loss, _ = fused_policy_loss(h, weight, targets, adv, prox, prox, mask, cfg, chunk_size=7)
+        (grads[name],) = torch.autograd.grad(loss, (h,))
+    assert float(grads["ppo"].abs().max()) == 0.0
+    assert float(grads["cispo"][mask].abs().min(dim=-1).values.max()) > 0.0

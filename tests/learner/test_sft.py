@@ -129,3 +129,125 @@ def test_weft_sft_command(tiny_dir, demo_tasks, processor, make_cfg, tmp_path, c
     assert (out / "tokenizer.json").is_file() and (out / "processor_config.json").is_file()
     with pytest.raises(SystemExit):
         parser.parse_args(["--model", str(tiny_dir)])  # --data and --out are required
+
+
+# ---------------------------------------------------------------- Video-o3's task-decoupled mask
+
+
+def _dense_decoupled(ids, gen, image_id):
+    """The rules pair by pair, from the segments (the vectorised builder must agree)."""
+    n = len(ids)
+    turn_of, turn, prev = [], 0, False
+    for g in gen:
+        turn += int(g and not prev)
+        prev = g
+        turn_of.append(turn)
+    last = turn_of[-1]
+    out = np.zeros((n, n), bool)
+    for q in range(n):
+        q_answer = (gen[q] and turn_of[q] == last) or (q + 1 < n and gen[q + 1] and turn_of[q + 1] == last)
+        q_stage = turn_of[q] - 1 if gen[q] else turn_of[q]
+        for k in range(q + 1):
+            k_img = ids[k] == image_id and not gen[k]
+            if q_answer and k_img and turn_of[k] == 0:
+                continue  # the answer does not see the overview's images
+            if not q_answer and k_img and 1 <= turn_of[k] < q_stage:
+                continue  # a zoom turn does not see earlier clips
+            out[q, k] = True
+    return out
+
+
+def test_decoupled_mask_matches_the_dense_rules_on_scripted_episodes(make_cfg, processor, demo_tasks):
+    from actors.scripted_engine import scripted_trajectories
+    from learner.sft import decoupled_mask
+
+    cfg = make_cfg("env.max_turns=4")
+    image_id = processor.tokenizer.convert_tokens_to_ids("<|image_pad|>")
+    trajs = scripted_trajectories(demo_tasks[:2], processor, cfg, 2)
+    for t in trajs:
+        ids, gen = t.token_ids.astype(np.int64), t.loss_mask.astype(bool)
+        got = decoupled_mask(ids, gen, image_id)
+        assert np.array_equal(got, _dense_decoupled(ids.tolist(), gen.tolist(), image_id))
+        assert (~got & np.tril(np.ones_like(got))).any()  # something really is masked
+        padded = decoupled_mask(ids, gen, image_id, len(ids) + 5)
+        assert np.array_equal(padded[: len(ids), : len(ids)], got) and padded[len(ids):].sum() > 0
+    # A hand-made episode: prompt [P I I], turn 1 [a], clip 1 [c I], turn 2 [b], clip 2 [d I e], answer [z z]
+    I = image_id
+    ids = np.array([5, I, I, 6, 7, I, 8, 7, I, 7, 9, 9])
+    gen = np.array([0, 0, 0, 1, 0, 0, 1, 0, 0, 0, 1, 1], bool)
+    m = decoupled_mask(ids, gen, I)
+    assert not m[10, 1] and not m[11, 2] and m[10, 5] and m[11, 8]  # the answer: no overview, every clip
+    assert not m[9, 1] and m[9, 5]  # ... nor the position that predicts its first token
+    assert m[6, 5] and m[6, 1]  # turn 2 reasons from clip 1, which it has just been shown
+    assert not m[8, 5] and not m[7, 5] and m[8, 8] and m[8, 1]  # clip 2 does not see clip 1's images
+    assert m[4, 2] and m[5, 1] and m[3, 1]  # up to clip 1 nothing is hidden
+
+
+def test_decoupled_mask_gives_masked_positions_no_gradient(tiny_dir, make_cfg, demo_tasks):
+    """Through the model, masked pairs really get nothing: with the mask, the answer tokens' loss has exactly
+    zero gradient with respect to the overview images' hidden states entering the last decoder layer (the
+    only path from there to the answer is that layer's attention; earlier layers may carry overview
+    information to the answer through tokens it may see, as the mask intends), and every layer's
+    attention weight on a masked pair is exactly 0. Without the mask both are non-zero."""
+    from actors.scripted_engine import scripted_trajectories
+    from learner.sft import SftModel, decoupled_mask, masked_inputs, to_samples
+    from learner.trainer import hidden_states, lm_head_weight
+
+    cfg = _cfg(make_cfg)
+    sm = SftModel(cfg, tiny_dir)
+    t = scripted_trajectories(demo_tasks[:1], sm.processor, cfg, 1)[0]
+    s = to_samples([t], sm.processor, sm.image_token_id)[0]
+    mb = sm.collate([s])
+    gen = s.loss_mask.astype(bool)
+    turn = np.cumsum(gen & ~np.r_[False, gen[:-1]])
+    answer_rows = torch.as_tensor((gen & (turn == turn[-1]))[1:])[None]  # shifted: position i predicts token i+1
+    overview = torch.as_tensor((s.token_ids == sm.image_token_id) & (turn == 0))
+    allowed = torch.as_tensor(decoupled_mask(s.token_ids, s.loss_mask, sm.image_token_id))
+    layers = getattr(sm.model, sm.model.base_model_prefix).language_model.layers
+    grads, weights = {}, {}
+    for name, decoupled in (("plain", False), ("masked", True)):
+        inputs = dict(masked_inputs(sm.model, mb.inputs, [s], sm.image_token_id) if decoupled else mb.inputs)
+        held = {}
+
+        def cut(module, args, kwargs):
+            x = (kwargs["hidden_states"] if "hidden_states" in kwargs else args[0]).detach().requires_grad_(True)
+            held["x"] = x
+            if "hidden_states" in kwargs:
+                return args, {**kwargs, "hidden_states": x}
+            return (x, *args[1:]), kwargs
+
+        hook = layers[-1].register_forward_pre_hook(cut, with_kwargs=True)
+        try:
+            hidden = hidden_states(sm.model, inputs)[:, :-1]
+        finally:
+            hook.remove()
+        logits = hidden[answer_rows] @ lm_head_weight(sm.model).t()
+        loss = torch.log_softmax(logits.float(), -1).gather(-1, mb.targets[answer_rows][:, None]).sum()
+        (g,) = torch.autograd.grad(loss, held["x"])
+        grads[name] = g[0, overview]
+        sm.model.config._attn_implementation = "eager"  # to read the attention weights
+        try:
+            out = getattr(sm.model, sm.model.base_model_prefix)(
+                **masked_inputs(sm.model, mb.inputs, [s], sm.image_token_id) if decoupled else mb.inputs,
+                output_attentions=True, use_cache=False)
+        finally:
+            sm.model.config._attn_implementation = "sdpa"
+        weights[name] = torch.stack([a[0] for a in out.attentions])  # [layers, heads, T, T]
+    assert float(grads["plain"].abs().max()) > 0
+    assert float(grads["masked"].abs().max()) == 0.0
+    masked_pairs = ~allowed & torch.tril(torch.ones_like(allowed))
+    assert int(masked_pairs.sum()) > 0
+    assert float(weights["masked"][..., masked_pairs].abs().max()) == 0.0
+    assert float(weights["plain"][..., masked_pairs].abs().min()) > 0.0
+
+
+def test_sft_applies_the_mask_to_the_configured_fraction_of_steps(tiny_dir, make_cfg, demo_tasks):
+    from actors.scripted_engine import scripted_trajectories
+    from learner.sft import SftModel, run_sft, to_samples
+
+    cfg = _cfg(make_cfg, "trainer.sft_decoupled_mask_frac=0.5")
+    sm = SftModel(cfg, tiny_dir)
+    samples = to_samples(scripted_trajectories(demo_tasks[:1], sm.processor, cfg, 1), sm.processor, sm.image_token_id)
+    history = run_sft(sm, samples, 8, seed=3)
+    used = [h["sft/decoupled_mask"] for h in history]
+    assert 0 < sum(used) < len(used) and all(np.isfinite(h["sft/loss"]) for h in history)

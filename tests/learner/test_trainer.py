@@ -276,3 +276,52 @@ def test_text_only_causal_lm_trains_too(tmp_path, make_cfg):
     before = tr.model.lm_head.weight.detach().clone()
     m = tr.train_step(groups)
     assert tr.version == 1 and m["trajectories_trained"] == 8 and not torch.equal(before, tr.model.lm_head.weight)
+
+
+def test_reference_policy_kl_in_loss_and_in_reward(tiny_dir, make_cfg, groups):
+    """loss.kl_coef and loss.kl_in_reward load a frozen reference (the starting model). At step 0 the
+    policy is the reference, so the loss's KL is ~0 and the reward KL is sum(mu - pi_ref) over each
+    trajectory's tokens, which the engine-free groups here make exactly their behaviour logprobs minus
+    the model's; after a step the reference has not moved while the policy has."""
+    cfg = make_cfg("trainer.lr=1e-2", "loss.kl_coef=0.5", "loss.kl_in_reward=0.01", "learner.group_size=4")
+    tr = _trainer(cfg, tiny_dir)
+    assert tr.ref_policy is not None and not tr.ref_policy.parameters()
+    ref_before = {n: p.detach().clone() for n, p in tr.ref_policy.module.named_parameters()}
+    m = tr.train_step(groups)
+    assert m["skipped"] == 0 and abs(m["kl"]) < 1e-5
+    assert np.isfinite(m["kl_in_reward/seq_kl_mean"]) and m["kl_in_reward/seq_kl_mean"] != 0.0
+    m2 = tr.train_step(groups)
+    assert m2["kl"] > 1e-6  # the policy moved away from the frozen reference
+    for n, p in tr.ref_policy.module.named_parameters():
+        assert torch.equal(p.detach(), ref_before[n]), n
+    assert _trainer(make_cfg("learner.group_size=4"), tiny_dir).ref_policy is None  # no KL term: no copy
+
+
+def test_sub_agent_trajectories_train_with_their_episodes_advantage_only_when_switched_on(tiny_dir, make_cfg, groups):
+    """ParaVT's switch: an episode's sub-agent trajectories (Trajectory.children) are trained with the
+    episode's advantage when trainer.train_subagents is on, never join the group's normalisation, and
+    are left alone by default. They survive the wire (codec) and the learner's validation too."""
+    import copy
+
+    from learner.validate import Limits, validate_group
+    from protos.codec import dumps, loads
+
+    gs = copy.deepcopy(groups)
+    for g in gs:  # each episode gets one child: a copy of another episode's tokens, as a sub-agent's
+        for k, t in enumerate(g.trajectories):
+            other = g.trajectories[(k + 1) % len(g.trajectories)]
+            child = copy.deepcopy(other)
+            child.children, child.traj_id, child.metadata = [], f"{t.traj_id}/sub0", {"role": "subagent"}
+            t.children = [child]
+    back = loads(dumps(gs[0]))
+    assert [c.traj_id for t in back.trajectories for c in t.children] == [c.traj_id for t in gs[0].trajectories
+                                                                           for c in t.children]
+    assert np.array_equal(back.trajectories[0].children[0].token_ids, gs[0].trajectories[0].children[0].token_ids)
+    assert validate_group(back, Limits(group_size=4, current_version=0)) is None
+    off = _trainer(make_cfg("learner.group_size=4"), tiny_dir).train_step(gs)
+    on_cfg = make_cfg("learner.group_size=4", "trainer.train_subagents=true")
+    tr = _trainer(on_cfg, tiny_dir)
+    on = tr.train_step(gs)
+    assert off["subagent_trajectories_trained"] == 0
+    assert on["subagent_trajectories_trained"] == on["trajectories_trained"] == off["trajectories_trained"]
+    assert on["tokens"] > off["tokens"]  # the children's tokens were trained too

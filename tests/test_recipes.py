@@ -1,0 +1,492 @@
+"""The seed papers' recipes (configs/recipes/*.yaml, recipes/*.py): reward tables computed by hand, the
+recipe tools against real decoded video, the episode-shape knobs, the sub-agent protocol, and every
+recipe's env under `weft check-env --policy random`."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from configs import load_config
+from env.testing import call
+from env.tool import ToolOutput
+from env.types import Episode, Task, ToolCallRecord
+
+ROOT = Path(__file__).resolve().parent.parent
+RECIPES = ["videozoomer", "video_o3", "paravt", "weaver", "deepeyes"]
+MC = Task("t", "v.mp4", "what colour?", "B", options=["red", "blue", "green", "pink"], evidence=[(10.0, 14.0)])
+OPEN = Task("o", "v.mp4", "what colour?", "blue")
+
+THINK = "<think>look</think>"
+ZOOM = call("video_zoom", segment=[10.0, 14.0], fps=2)
+ANSWER_B = f"{THINK}<answer>B</answer>"
+
+
+def rec(turn: int, name: str, ok: bool = True, window=(10.0, 14.0)) -> ToolCallRecord:
+    return ToolCallRecord(turn, name, {}, ok, output=ToolOutput("x", window=window) if ok else None,
+                          error="" if ok else "refused")
+
+
+def ep(texts, answer, calls=(), format_errors=0) -> Episode:
+    return Episode(answer=answer, tool_calls=list(calls), turns=len(texts), format_errors=format_errors,
+                   status="COMPLETED" if answer is not None else "TRUNCATED", frames_returned=0, duration=60.0,
+                   texts=list(texts))
+
+
+# ------------------------------------------------------------------ reward tables (hand-computed)
+
+
+@pytest.mark.parametrize("texts,answer,want", [
+    ([f"{THINK}{ZOOM}", ANSWER_B], "B", {"accuracy": 1.0, "format": 1.0}),
+    ([ANSWER_B], "B", {"accuracy": 1.0, "format": 1.0}),                  # one turn: just the answer
+    ([f"{THINK}{ZOOM}", "<answer>B</answer>"], "B", {"accuracy": 1.0, "format": 0.0}),  # last turn lacks <think>
+    ([ZOOM, ANSWER_B], "B", {"accuracy": 1.0, "format": 0.0}),            # a tool turn without <think>
+    ([f"{THINK}{ZOOM}{ZOOM}", ANSWER_B], "B", {"accuracy": 1.0, "format": 0.0}),  # two zooms in one turn
+    ([f"{THINK}{ZOOM}", f"{THINK}<answer>A</answer>"], "A", {"accuracy": 0.0, "format": 1.0}),
+    ([f"{THINK}{ZOOM}"], None, {"accuracy": 0.0, "format": 0.0}),         # never answered
+])
+def test_videozoomer_reward_table(texts, answer, want):
+    from recipes.videozoomer import videozoomer_reward
+
+    assert videozoomer_reward(ep(texts, answer), MC) == want
+
+
+G = call("grounding", temporal_segment=[10.0, 14.0], sampling_strategy="fine")
+
+
+@pytest.mark.parametrize("texts,answer,calls,task,want", [
+    # right, clean, windows exactly the clue: g = 1, R_tool = (1 + 1) / 2 = 1
+    ([f"{THINK}{G}", ANSWER_B], "B", [rec(1, "grounding")], MC, {"accuracy": 1.0, "format": 1.0, "tool": 1.0}),
+    # window [8, 12] vs clue [10, 14]: I = 2, U = 6, IoU = 1/3, IoP = IoG = 1/2 -> g = (2/3 + 1) / 4 = 5/12
+    ([f"{THINK}{G}", ANSWER_B], "B", [rec(1, "grounding", window=(8.0, 12.0))], MC,
+     {"accuracy": 1.0, "format": 1.0, "tool": (5 / 12 + 1) / 2}),
+    # no tool used on a task with clues: no R_tool
+    ([ANSWER_B], "B", [], MC, {"accuracy": 1.0, "format": 1.0, "tool": 0.0}),
+    # one refused call in 3 turns: format 1 - 1/3, so no R_tool
+    ([f"{THINK}{G}", f"{THINK}{G}", ANSWER_B], "B", [rec(1, "grounding"), rec(2, "grounding", ok=False)], MC,
+     {"accuracy": 1.0, "format": 2 / 3, "tool": 0.0}),
+    # wrong answer: no R_tool
+    ([f"{THINK}{G}", f"{THINK}<answer>A</answer>"], "A", [rec(1, "grounding")], MC,
+     {"accuracy": 0.0, "format": 1.0, "tool": 0.0}),
+    # a task without clue spans: s = 1 - 2 * 0.05 * calls, g = 0.5 -> 0.9 * 1.5 / 2 = 0.675 after one call
+    ([f"{THINK}{G}", f"{THINK}<answer>blue</answer>"], "blue", [rec(1, "grounding")], OPEN,
+     {"accuracy": 1.0, "format": 1.0, "tool": 0.9 * 0.75}),
+    ([f"{THINK}<answer>blue</answer>"], "blue", [], OPEN, {"accuracy": 1.0, "format": 1.0, "tool": 0.75}),
+])
+def test_video_o3_reward_table(texts, answer, calls, task, want):
+    from recipes.video_o3 import video_o3_reward
+
+    got = video_o3_reward(ep(texts, answer, calls), task)
+    assert got == pytest.approx(want, abs=1e-12)
+
+
+CROP = call("crop_video", start_time=10.0, end_time=14.0)
+
+
+@pytest.mark.parametrize("texts,answer,calls,want", [
+    # think 0.2 + <answer> 0.3 + </answer> 0.2 + anchor 0.5 * (0.4 + 0.3) + think-before-tool 0.3 = 1.35,
+    # + balanced 0.1, capped at 1; tool: executed 0.3 + right 0.5
+    ([f"<think>\nlook at the clip</think>{CROP}", "<think>\nso it is blue</think><answer>B</answer>"], "B",
+     [rec(1, "crop_video")], {"accuracy": 1.0, "format": 1.0, "tool": 0.8}),
+    # no think, no tool: <answer> 0.3 + </answer> 0.2 + balanced 0.1 = 0.6; tool 0
+    (["<answer>B</answer>"], "B", [], {"accuracy": 1.0, "format": 0.6, "tool": 0.0}),
+    # a think under 10 characters is not a think: 0.5 + balanced 0.1, no anchor credit
+    (["<think>ok</think><answer>B</answer>"], "B", [], {"accuracy": 1.0, "format": 0.6, "tool": 0.0}),
+    # an open think then a call, no answer: think 0.2 + anchor 0.5 * -0.3 + think-before-tool 0.3 = 0.35,
+    # tags unbalanced; the call parses but was refused: 0.1, and the answer is not right: no +0.5
+    (["<think>\nhmm, let me look closer " + CROP], None, [rec(1, "crop_video", ok=False)],
+     {"accuracy": 0.0, "format": 0.35, "tool": 0.1}),
+])
+def test_paravt_reward_table(texts, answer, calls, want):
+    from recipes.paravt import paravt_reward
+
+    assert paravt_reward(ep(texts, answer, calls), MC) == pytest.approx(want, abs=1e-12)
+
+
+@pytest.mark.parametrize("answer,calls,errors,want", [
+    ("B", [rec(1, "temporal_zoom")], 0, {"accuracy": 1.0, "format": 1.0, "tool": 1.0}),   # 0.7 + 0.2 + 0.1 = 1.0
+    ("B", [], 0, {"accuracy": 1.0, "format": 1.0, "tool": 0.0}),
+    ("A", [rec(1, "temporal_zoom")], 0, {"accuracy": 0.0, "format": 1.0, "tool": 0.0}),   # tool gated on right
+    ("B", [rec(1, "temporal_zoom")], 1, {"accuracy": 1.0, "format": 0.0, "tool": 1.0}),
+    (None, [rec(1, "temporal_zoom")], 0, {"accuracy": 0.0, "format": 0.0, "tool": 0.0}),
+])
+def test_weaver_reward_table(answer, calls, errors, want):
+    from configs.schema import RewardConfig
+    from env.rewards import weigh
+    from recipes.weaver import weaver_reward
+
+    terms = weaver_reward(ep([f"<answer>{answer}</answer>"], answer, calls, errors), MC)
+    assert terms == want
+    cfg = load_config(ROOT / "configs/recipes/weaver.yaml")
+    total, _ = weigh(terms, cfg.reward.weights)
+    assert total == pytest.approx(0.7 * want["accuracy"] + 0.2 * want["format"] + 0.1 * want["tool"])
+    assert isinstance(cfg.reward, RewardConfig)
+
+
+@pytest.mark.parametrize("texts,answer,calls,errors,want_total", [
+    ([ANSWER_B], "B", [rec(1, "spatial_zoom")], 0, 0.8 + 0.0 + 1.2),      # right, clean, zoomed: 2.0
+    ([ANSWER_B], "B", [], 0, 0.8),                                         # right without a zoom
+    ([ANSWER_B], "A", [rec(1, "spatial_zoom")], 0, 0.0),                   # wrong: no tool credit
+    (["<think>x<answer>B</answer>"], "B", [rec(1, "spatial_zoom")], 0, 0.8 - 0.2 + 1.2),  # unclosed think: -1 format
+    ([ANSWER_B], None, [], 0, -0.2),                                       # no answer: a format error
+])
+def test_deepeyes_reward_table(texts, answer, calls, errors, want_total):
+    from env.rewards import weigh
+    from recipes.deepeyes import deepeyes_reward
+
+    cfg = load_config(ROOT / "configs/recipes/deepeyes.yaml")
+    total, _ = weigh(deepeyes_reward(ep(texts, answer, calls, errors), MC), cfg.reward.weights)
+    assert total == pytest.approx(want_total, abs=1e-12)
+
+
+def test_judge_hook_falls_back_and_counts_when_the_judge_is_unreachable():
+    """A judge that cannot be reached never fails the episode: the rule match is used, and counted."""
+    from env.env import COUNTERS
+    from recipes.common import accuracy
+
+    before = COUNTERS["judge_error"]
+    e = ep(["<answer>blue</answer>"], "blue")
+    assert accuracy(e, OPEN, judge_url="http://127.0.0.1:9/v1", judge_timeout_s=2.0) == 1.0
+    assert accuracy(ep(["<answer>red</answer>"], "red"), OPEN, judge_url="http://127.0.0.1:9/v1",
+                    judge_timeout_s=2.0) == 0.0
+    assert COUNTERS["judge_error"] == before + 2
+    assert accuracy(e, MC, judge_url="http://127.0.0.1:9/v1") == 1.0  # "blue" is option B
+    assert COUNTERS["judge_error"] == before + 2  # multiple choice is matched by rule, never judged
+
+
+# ------------------------------------------------------------------ tools and episode shape (real video)
+
+
+def _env(recipe: str, *overrides: str):
+    from env import LocalEnv
+
+    cfg = load_config(ROOT / f"configs/recipes/{recipe}.yaml", list(overrides))
+    return LocalEnv(cfg.env, cfg.reward), cfg
+
+
+def _run(coro):
+    return asyncio.run(coro)
+
+
+def test_video_zoom_returns_fps_times_span_frames_and_refuses_more_than_16(demo_tasks):
+    env, _ = _env("videozoomer", "env.max_turns=4")
+    task = demo_tasks[0]
+
+    async def go():
+        slot = env.episode("vz")
+        obs, info = await slot.reset(task)
+        assert len(obs.frames) == max(1, min(64, round(info["duration"] * 0.5)))  # the 0.5 fps overview
+        obs, _, _, _, info = await slot.step(f"{THINK}{call('video_zoom', segment=[2.0, 5.0], fps=2)}")
+        ok = info["calls"][0]
+        assert ok["ok"] and len(obs.frames) == 6 and ok["window"] == [2.0, 5.0]
+        obs, _, _, _, info = await slot.step(f"{THINK}{call('video_zoom', segment=[0.0, 9.0], fps=2)}")
+        assert not info["calls"][0]["ok"] and "at most 16" in info["calls"][0]["error"] and not obs.frames
+        await slot.close()
+
+    _run(go())
+
+
+def test_last_turn_has_no_tools_and_says_so(demo_tasks):
+    env, _ = _env("videozoomer", "env.max_turns=2")
+
+    async def go():
+        slot = env.episode("last")
+        await slot.reset(demo_tasks[0])
+        obs, _, _, _, info = await slot.step(f"{THINK}{call('video_zoom', segment=[2.0, 5.0], fps=1)}")
+        assert info["calls"][0]["ok"] and "last turn: the tools are off" in obs.text
+        obs, _, term, trunc, info = await slot.step(f"{THINK}{call('video_zoom', segment=[2.0, 5.0], fps=1)}")
+        assert trunc and not term and not obs.frames
+        assert info["calls"][0]["ok"] is False and "tools are off on the last turn" in info["calls"][0]["error"]
+        await slot.close()
+
+    _run(go())
+
+
+def test_grounding_shares_its_token_quota_between_2_fps_frames(demo_tasks):
+    from recipes.video_o3 import PATCH_PX, plan
+
+    assert plan({"temporal_segment": [0.0, 4.0], "sampling_strategy": "coarse"}) == (8, 128)
+    assert plan({"temporal_segment": [0.0, 0.4], "sampling_strategy": "fine"}) == (1, 768)  # capped per frame
+    assert plan({"temporal_segment": [0.0, 600.0], "sampling_strategy": "coarse"}) == (256, 4)  # the 4-token floor
+    env, _ = _env("video_o3", "env.overview_frames=4")
+
+    async def go():
+        slot = env.episode("g")
+        await slot.reset(demo_tasks[0])
+        obs, _, _, _, info = await slot.step(f"{THINK}{call('grounding', temporal_segment=[1.0, 3.0], sampling_strategy='medium')}")
+        assert info["calls"][0]["ok"] and len(obs.frames) == 4
+        h, w = obs.frames[0].image.shape[:2]
+        assert h * w <= 512 * PATCH_PX * PATCH_PX  # 2048 tokens / 4 frames, each at most 512 patches
+        await slot.close()
+
+    _run(go())
+
+
+def test_crop_video_is_answered_by_the_sub_agent_or_says_there_is_none(demo_tasks):
+    """Two crop_video calls in one turn: the step hands their frames (16 max, 1 fps) to the driver and
+    waits; answered, the summaries become the calls' output; with no model (None) the observation says
+    so and the calls count as not run. Neither costs the episode's frame budget."""
+    env, _ = _env("paravt", "env.overview_choices=[4]")
+    two = call("crop_video", start_time=0.0, end_time=20.0) + call("crop_video", start_time=2.0, end_time=5.0)
+
+    async def go():
+        slot = env.episode("p")
+        await slot.reset(demo_tasks[0])
+        obs, _, _, _, info = await slot.step(f"<think>\nx</think>{two}")
+        asks = info["subagent"]
+        assert [len(a["frames"]) for a in asks] == [16, 3] and all(a["max_tokens"] == 512 for a in asks)
+        assert "waiting for the sub-agent" in obs.text and not obs.frames and info["frames_returned"] == 0
+        obs = await slot.answer(["a red square moves", "a blue circle"])
+        assert "a red square moves" in obs.text and "a blue circle" in obs.text
+        obs, _, _, _, info = await slot.step(f"<think>\nx</think>{call('crop_video', start_time=1.0, end_time=3.0)}")
+        obs = await slot.answer([None])
+        assert "no model is at hand" in obs.text
+        _, reward, term, _, info = await slot.step("<think>\nso</think><answer>B</answer>")
+        assert term and info["tool_calls_ok"] == 2 and info["frames_returned"] == 0
+        await slot.close()
+
+    _run(go())
+
+
+def test_eval_max_turns_gives_validation_its_own_turn_limit(demo_tasks):
+    env, cfg = _env("video_o3", "env.overview_frames=2")
+    assert cfg.env.max_turns == 6 and cfg.eval.max_turns == 12
+
+    async def go():
+        slot = env.episode("m")
+        _, info = await slot.reset(demo_tasks[0], options={"max_turns": 12})
+        for i in range(11):
+            _, _, term, trunc, info = await slot.step("thinking")
+            assert not (term or trunc), i
+        _, _, term, trunc, info = await slot.step("thinking")
+        assert trunc and info["turns"] == 12
+        await slot.close()
+
+    _run(go())
+    from actors.evaluator import eval_config
+
+    assert eval_config(cfg).env.max_turns == 12
+
+
+@pytest.mark.parametrize("recipe", RECIPES)
+def test_check_env_random_policy_runs_every_recipe_without_a_crash(recipe, demo_dir):
+    out = subprocess.run([sys.executable, "-m", "weft_cli", "check-env", "--data", str(demo_dir), "--policy",
+                          "random", "--episodes", "6", "--config", f"configs/recipes/{recipe}.yaml"],
+                         cwd=ROOT, capture_output=True, text=True, timeout=600)
+    assert out.returncode == 0, out.stderr[-3000:]
+    summary = json.loads(out.stdout.strip().splitlines()[-1])
+    assert summary["crashes"] == 0 and summary["episodes"] == 6, summary
+    want = {"videozoomer": {"accuracy", "format"}}.get(recipe, {"accuracy", "format", "tool"})
+    assert set(summary["reward_terms"]) == want, summary
+
+
+# ------------------------------------------------------------------ the judge hook, served for real
+
+
+@pytest.fixture(scope="module")
+def judge_server(tiny_model_dir):
+    """The tiny model behind vLLM's OpenAI-compatible server, as a judge would be served on the cluster
+    (`vllm serve`; here `python -m vllm.entrypoints.openai.api_server`, with the torchvision shim on
+    PYTHONPATH: models/shim.py)."""
+    import os
+    import socket
+    import time
+    import urllib.request
+
+    from models.shim import _BOOT_DIR
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([_BOOT_DIR, os.environ.get("PYTHONPATH", "")]),
+           "VLLM_CPU_KVCACHE_SPACE": "1"}
+    proc = subprocess.Popen([sys.executable, "-m", "vllm.entrypoints.openai.api_server", "--model", str(tiny_model_dir),
+                             "--host", "127.0.0.1", "--port", str(port), "--dtype", "float32", "--max-model-len", "2048",
+                             "--enforce-eager", "--served-model-name", "tiny-judge",
+                             "--limit-mm-per-prompt", '{"image": 0, "video": 0}'],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, env=env)
+    url = f"http://127.0.0.1:{port}/v1"
+    try:
+        deadline = time.monotonic() + 240
+        while True:
+            try:
+                urllib.request.urlopen(f"{url}/models", timeout=2).read()
+                break
+            except OSError:
+                if proc.poll() is not None or time.monotonic() > deadline:
+                    proc.kill()
+                    raise AssertionError(f"judge server did not come up: {proc.stderr.read()[-3000:]!r}")
+                time.sleep(1)
+        yield url
+    finally:
+        proc.terminate()
+        try:
+            proc.wait(30)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+
+
+@pytest.mark.slow
+@pytest.mark.vllm
+def test_judge_hook_scores_open_ended_answers_through_a_served_model(judge_server):
+    """Every recipe's reward takes judge_url: an open-ended answer is scored by the served model. The
+    verdict is constrained to 1 or 0 (vLLM structured outputs), so even the random tiny judge's reply
+    parses; the model is found from /models when not named."""
+    from env.env import COUNTERS
+    from recipes.judge import JUDGE_PROMPT, _post, judge_score
+    from recipes.videozoomer import videozoomer_reward
+
+    body = {"model": "tiny-judge", "max_tokens": 4, "temperature": 1.0,
+            "messages": [{"role": "user", "content": JUDGE_PROMPT.format(question="q", reference="a", prediction="b")}],
+            "structured_outputs": {"choice": ["1", "0"]}}
+    replies = {_post(f"{judge_server}/chat/completions", {**body, "seed": i}, 60)["choices"][0]["message"]["content"]
+               for i in range(6)}
+    assert replies <= {"1", "0"}, replies  # the server honoured the constraint: a random model, two strings
+    before = dict(COUNTERS)
+    got = [judge_score("what colour is the car?", "blue", p, url=judge_server, timeout_s=60) for p in ("blue", "red")]
+    assert all(g in (0.0, 1.0) for g in got)
+    assert COUNTERS["judge_calls"] == before.get("judge_calls", 0) + 2
+    assert COUNTERS["judge_unparsed"] == before.get("judge_unparsed", 0)
+    assert COUNTERS["judge_error"] == before.get("judge_error", 0)
+    terms = videozoomer_reward(ep([f"{THINK}<answer>blue car</answer>"], "blue car"), OPEN, judge_url=judge_server)
+    assert terms["accuracy"] in (0.0, 1.0) and COUNTERS["judge_calls"] == before.get("judge_calls", 0) + 3
+
+
+# ------------------------------------------------------------------ each recipe trains for real (2 steps, Ray, vLLM)
+
+# Sizes only: the tiny model on 2 CPU cores (devices, dtype, groups, tokens, frames, pixels, actors, steps).
+SIZE = ["rollout.num_workers=1", "rollout.num_gpus=0", "learner.num_gpus=0", "rollout.dtype=float32",
+        "rollout.group_size=4", "learner.group_size=4", "trainer.groups_per_step=1", "learner.buffer_capacity=4",
+        "rollout.concurrent_groups=1", "trainer.total_steps=2", "trainer.checkpoint_every=0", "trainer.sample_every=1",
+        "trainer.val_every=0", "trainer.gradient_checkpointing=false", "trainer.tensorboard=false",
+        "rollout.max_tokens_per_turn=96", "rollout.max_generated_tokens=256", "rollout.max_context_tokens=4096",
+        "rollout.max_model_len=4096", "rollout.kv_cache_gib=0.5", "env.num_actors=1", "env.overview_frames=4",
+        "env.overview_size=[112,64]", "env.zoom_size=[112,64]", "env.crop_size=[56,56]",
+        "env.max_pixels_per_frame=7168", "env.max_frames=8", "env.max_frames_per_call=4", "learner.num_cpus=0.25",
+        "learner.max_staleness=1", "run.display=log", "data.val_path=null"]
+SIZE_OF = {"videozoomer": ["env.max_turns=2"],  # every episode that does not answer at once meets the last turn
+           "paravt": ["env.overview_choices=[2,4]", "rollout.subagent_max_tokens=24", "env.max_turns=2"],
+           "video_o3": ["env.max_turns=3"], "weaver": ["env.max_turns=3"], "deepeyes": ["env.max_turns=3"]}
+
+
+class CropVideoOracle:
+    """A scripted ParaVT episode for the cold start: think, crop the evidence span, answer."""
+
+    def __init__(self, seed: int) -> None:
+        self.seed = seed
+
+    def begin(self, task, obs, info) -> None:
+        self.task, self.turn = task, 0
+        self.span = task.evidence[0] if task.evidence else (0.0, info["duration"] / 2)
+
+    def act(self, obs, info) -> str:
+        from env.testing import answer_text
+
+        self.turn += 1
+        if self.turn == 1:
+            a, b = self.span
+            return "<think>\nthe answer is brief: look at that moment</think>" + call(
+                "crop_video", start_time=round(max(0.0, a - 1), 1), end_time=round(b + 1, 1))
+        return "<think>\nthe summary tells me which it is</think>" + answer_text(self.task, self.task.answer)
+
+
+@pytest.fixture(scope="module")
+def paravt_sft(tiny_model_dir, short_demo_dir, tmp_path_factory):
+    """The tiny model taught ParaVT's action format on scripted crop_video episodes, so that its RL episodes
+    call crop_video and the sub-agent runs (the demo's cold start teaches temporal_zoom instead)."""
+    import torch
+
+    from actors.scripted_engine import scripted_trajectories
+    from env import load_tasks
+    from learner.sft import SftModel, run_sft, to_samples
+
+    cfg = load_config(ROOT / "configs/recipes/paravt.yaml",
+                      SIZE + SIZE_OF["paravt"] + ["trainer.sft_lr=2e-3", "trainer.sft_batch_size=2"])
+    torch.manual_seed(0)
+    sm = SftModel(cfg, tiny_model_dir)
+    tasks = load_tasks(short_demo_dir / "tasks.jsonl")
+    trajs = scripted_trajectories(tasks, sm.processor, cfg, 6, make_policy=CropVideoOracle)
+    run_sft(sm, to_samples(trajs, sm.processor, sm.image_token_id), 40, seed=0)
+    out = tmp_path_factory.mktemp("paravt_sft") / "model"
+    sm.model.save_pretrained(out)
+    sm.processor.save_pretrained(out)
+    return out
+
+
+def _train(recipe: str, model: Path, data: Path, run_dir: Path) -> tuple[list[dict], list]:
+    import os
+    import tempfile
+
+    from protos.codec import read_trajectories
+
+    log = run_dir.parent / f"{recipe}.log"
+    env = {**os.environ, "RAY_TMPDIR": tempfile.mkdtemp(prefix="wtr", dir="/tmp"), "RAY_DEDUP_LOGS": "0"}
+    cmd = [sys.executable, "train.py", "--config", f"configs/recipes/{recipe}.yaml", "--model", str(model),
+           "--run-dir", str(run_dir), f"data.path={data / 'tasks.jsonl'}", *SIZE, *SIZE_OF[recipe]]
+    with open(log, "wb") as out:
+        rc = subprocess.run(cmd, cwd=ROOT, stdout=out, stderr=subprocess.STDOUT, env=env, timeout=600).returncode
+    assert rc == 0, f"{recipe}: train.py exited {rc}; log tail:\n{log.read_text(errors='replace')[-5000:]}"
+    rows = [json.loads(x) for x in (run_dir / "metrics.jsonl").read_text().splitlines() if x.strip()]
+    steps = [r for r in rows if not r.get("validation") and not r.get("skipped")]
+    assert [r["step"] for r in steps][-1] == 2, rows
+    trajs = [t for p in sorted((run_dir / "trajectories").iterdir()) for t in read_trajectories(p)]
+    return steps, trajs
+
+
+@pytest.mark.slow
+@pytest.mark.ray
+@pytest.mark.vllm
+@pytest.mark.parametrize("recipe", RECIPES)
+def test_recipe_trains_two_steps_and_its_mechanism_happens(recipe, sft_model, paravt_sft, short_demo_dir, tmp_path):
+    """`weft train --config configs/recipes/NAME.yaml` on the demo data with the tiny model (sizes overridden,
+    nothing else), 2 steps on Ray with vLLM; then the recipe's own mechanism is found in what it did."""
+    model = paravt_sft if recipe == "paravt" else sft_model
+    steps, trajs = _train(recipe, model, short_demo_dir, tmp_path / "run")
+    cfg = load_config(ROOT / f"configs/recipes/{recipe}.yaml")
+    terms = set(cfg.reward.weights)
+    assert all({f"reward/{k}" for k in terms} <= set(r) for r in steps) and "reward/evidence" not in steps[-1]
+    ran = [t for t in trajs if t.status.value != "FAILED"]
+    assert ran and all(set(t.reward_terms) == terms for t in ran)
+    for t in ran:  # each weighted term is the recipe's weight times the paper's unweighted value
+        assert t.reward == pytest.approx(sum(t.reward_terms.values()))
+    if recipe == "videozoomer":
+        # the last turn has no tools: the observation before it says so, and a call in it is refused
+        notices = [o for t in ran for o in t.metadata["observation_texts"][:1] if "last turn: the tools are off" in o]
+        assert notices, [t.metadata["observation_texts"] for t in ran]
+        last = [c for t in ran for c in t.metadata["tool_calls"] if c["turn"] == 2]
+        assert all(not c["ok"] and "tools are off" in c["error"] for c in last)
+        assert all("entropy" in r and "kl" in r for r in steps)  # entropy bonus and the k3 KL loss ran
+    if recipe == "video_o3":
+        assert all(np.isfinite(r["kl_in_reward/seq_kl_mean"]) for r in steps)  # KL folded into the reward
+        assert "kl" not in steps[-1]  # and not into the loss
+        assert all(0.0 <= t.reward_terms["tool"] <= 1.0 for t in ran)
+    if recipe == "paravt":
+        kids = [c for t in ran for c in t.children]
+        assert kids, "no crop_video call reached the sub-agent"
+        for t in ran:
+            for c in t.children:
+                gen = c.loss_mask.astype(bool)
+                assert c.metadata["role"] == "subagent" and c.traj_id.startswith(t.traj_id) and gen.any()
+                assert (c.policy_version[gen] >= 0).all() and (c.behavior_logprobs[gen] < 0).any()  # engine-sampled
+                assert len(c.media) >= 1 and c.group_id == t.group_id
+        answered = [o for t in ran if t.children for o in t.metadata["observation_texts"] if "[crop_video] summary" in o]
+        assert answered  # the sub-agent's answer reached the main episode
+        first = [t for t in ran if t.metadata["turn_texts"]]
+        assert all(t.metadata["turn_texts"][0].startswith("<think>\n") for t in first)  # the forced prefix
+        assert all(r["subagent_trajectories_trained"] == 0 for r in steps)  # off, as ParaVT ships it
+        assert all(np.isfinite(r["kl_in_reward/seq_kl_mean"]) for r in steps)
+    if recipe == "weaver":
+        for t in ran:
+            assert t.reward_terms["accuracy"] in (0.0, 0.7) and t.reward_terms["format"] in (0.0, 0.2)
+            assert t.reward_terms["tool"] in (0.0, 0.1)
+            assert t.reward_terms["tool"] == 0.0 or t.reward_terms["accuracy"] == 0.7
+    if recipe == "deepeyes":
+        for t in ran:
+            assert t.reward_terms["format"] in (0.0, -0.2) and t.reward_terms["tool"] in (0.0, 1.2)
+        assert all("kl" in r for r in steps)
