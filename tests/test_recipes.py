@@ -393,7 +393,11 @@ class CropVideoOracle:
             a, b = self.span
             return "<think>\nthe answer is brief: look at that moment</think>" + call(
                 "crop_video", start_time=round(max(0.0, a - 1), 1), end_time=round(b + 1, 1))
-        return "<think>\nthe summary tells me which it is</think>" + answer_text(self.task, self.task.answer)
+        # Half the episodes answer wrong, so the SFT model's groups keep some reward variance for GRPO.
+        options = self.task.options or [self.task.answer]
+        right = options.index(self.task.answer) if self.task.answer in options else 0
+        pick = options[right] if self.seed % 2 == 0 else options[(right + 1) % len(options)]
+        return "<think>\nthe summary tells me which it is</think>" + answer_text(self.task, pick)
 
 
 @pytest.fixture(scope="module")
@@ -448,8 +452,7 @@ def test_recipe_trains_two_steps_and_its_mechanism_happens(recipe, sft_model, pa
     nothing else), 2 steps on Ray with vLLM; then the recipe's own mechanism is found in what it did."""
     model = paravt_sft if recipe == "paravt" else sft_model
     steps, trajs = _train(recipe, model, short_demo_dir, tmp_path / "run")
-    cfg = load_config(ROOT / f"configs/recipes/{recipe}.yaml")
-    terms = set(cfg.reward.weights)
+    terms = {"videozoomer": {"accuracy", "format"}}.get(recipe, {"accuracy", "format", "tool"})
     assert all({f"reward/{k}" for k in terms} <= set(r) for r in steps) and "reward/evidence" not in steps[-1]
     ran = [t for t in trajs if t.status.value != "FAILED"]
     assert ran and all(set(t.reward_terms) == terms for t in ran)
