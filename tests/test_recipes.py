@@ -275,13 +275,15 @@ def test_eval_max_turns_gives_validation_its_own_turn_limit(demo_tasks):
 
 
 @pytest.mark.parametrize("recipe", RECIPES)
-def test_check_env_random_policy_runs_every_recipe_without_a_crash(recipe, demo_dir):
-    out = subprocess.run([sys.executable, "-m", "weft_cli", "check-env", "--data", str(demo_dir), "--policy",
-                          "random", "--episodes", "6", "--config", f"configs/recipes/{recipe}.yaml"],
-                         cwd=ROOT, capture_output=True, text=True, timeout=600)
-    assert out.returncode == 0, out.stderr[-3000:]
-    summary = json.loads(out.stdout.strip().splitlines()[-1])
-    assert summary["crashes"] == 0 and summary["episodes"] == 6, summary
+def test_check_env_random_policy_runs_every_recipe_without_a_crash(recipe, demo_dir, capsys):
+    """`weft check-env --config configs/recipes/NAME.yaml --policy random` (the CLI's own entry point, in
+    this process): every recipe's tools and reward run on real video with 0 crashes."""
+    import weft_cli
+
+    rc = weft_cli.main(["check-env", "--data", str(demo_dir), "--policy", "random", "--episodes", "6",
+                        "--config", str(ROOT / f"configs/recipes/{recipe}.yaml")])
+    summary = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert rc == 0 and summary["crashes"] == 0 and summary["episodes"] == 6, summary
     want = {"videozoomer": {"accuracy", "format"}}.get(recipe, {"accuracy", "format", "tool"})
     assert set(summary["reward_terms"]) == want, summary
 
@@ -423,18 +425,25 @@ def paravt_sft(tiny_model_dir, short_demo_dir, tmp_path_factory):
     return out
 
 
-def _train(recipe: str, model: Path, data: Path, run_dir: Path) -> tuple[list[dict], list]:
+def _start(recipe: str, model: Path, data: Path, run_dir: Path) -> tuple[subprocess.Popen, Path]:
     import os
     import tempfile
-
-    from protos.codec import read_trajectories
 
     log = run_dir.parent / f"{recipe}.log"
     env = {**os.environ, "RAY_TMPDIR": tempfile.mkdtemp(prefix="wtr", dir="/tmp"), "RAY_DEDUP_LOGS": "0"}
     cmd = [sys.executable, "train.py", "--config", f"configs/recipes/{recipe}.yaml", "--model", str(model),
            "--run-dir", str(run_dir), f"data.path={data / 'tasks.jsonl'}", *SIZE, *SIZE_OF[recipe]]
-    with open(log, "wb") as out:
-        rc = subprocess.run(cmd, cwd=ROOT, stdout=out, stderr=subprocess.STDOUT, env=env, timeout=600).returncode
+    return subprocess.Popen(cmd, cwd=ROOT, stdout=open(log, "wb"), stderr=subprocess.STDOUT, env=env), log
+
+
+def _results(recipe: str, proc: subprocess.Popen, log: Path, run_dir: Path) -> tuple[list[dict], list]:
+    from protos.codec import read_trajectories
+
+    try:
+        rc = proc.wait(timeout=900)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        raise AssertionError(f"{recipe}: train.py did not finish; log tail:\n{log.read_text(errors='replace')[-4000:]}")
     assert rc == 0, f"{recipe}: train.py exited {rc}; log tail:\n{log.read_text(errors='replace')[-5000:]}"
     rows = [json.loads(x) for x in (run_dir / "metrics.jsonl").read_text().splitlines() if x.strip()]
     steps = [r for r in rows if not r.get("validation") and not r.get("skipped")]
@@ -443,15 +452,35 @@ def _train(recipe: str, model: Path, data: Path, run_dir: Path) -> tuple[list[di
     return steps, trajs
 
 
+@pytest.fixture(scope="module")
+def recipe_runs(sft_model, paravt_sft, short_demo_dir, tmp_path_factory):
+    """The five 2-step runs, two at a time (each is its own Ray cluster; the two cores take two runs'
+    start-ups and steps in about the time of 1.5 in a row), started once for the module."""
+    root = tmp_path_factory.mktemp("recipe_runs")
+    pending, running, done = list(RECIPES), [], {}
+    while pending or running:
+        while pending and len(running) < 2:
+            recipe = pending.pop(0)
+            model = paravt_sft if recipe == "paravt" else sft_model
+            running.append((recipe, *_start(recipe, model, short_demo_dir, root / recipe)))
+        recipe, proc, log = running.pop(0)
+        try:
+            done[recipe] = _results(recipe, proc, log, root / recipe)
+        except AssertionError as e:
+            done[recipe] = e
+    return done
+
+
 @pytest.mark.slow
 @pytest.mark.ray
 @pytest.mark.vllm
 @pytest.mark.parametrize("recipe", RECIPES)
-def test_recipe_trains_two_steps_and_its_mechanism_happens(recipe, sft_model, paravt_sft, short_demo_dir, tmp_path):
+def test_recipe_trains_two_steps_and_its_mechanism_happens(recipe, recipe_runs):
     """`weft train --config configs/recipes/NAME.yaml` on the demo data with the tiny model (sizes overridden,
     nothing else), 2 steps on Ray with vLLM; then the recipe's own mechanism is found in what it did."""
-    model = paravt_sft if recipe == "paravt" else sft_model
-    steps, trajs = _train(recipe, model, short_demo_dir, tmp_path / "run")
+    if isinstance(recipe_runs[recipe], AssertionError):
+        raise recipe_runs[recipe]
+    steps, trajs = recipe_runs[recipe]
     terms = {"videozoomer": {"accuracy", "format"}}.get(recipe, {"accuracy", "format", "tool"})
     assert all({f"reward/{k}" for k in terms} <= set(r) for r in steps) and "reward/evidence" not in steps[-1]
     ran = [t for t in trajs if t.status.value != "FAILED"]
