@@ -371,10 +371,10 @@ SIZE = ["rollout.num_workers=1", "rollout.num_gpus=0", "learner.num_gpus=0", "ro
         "rollout.max_model_len=4096", "rollout.kv_cache_gib=0.5", "env.num_actors=1", "env.overview_frames=4",
         "env.overview_size=[112,64]", "env.zoom_size=[112,64]", "env.crop_size=[56,56]",
         "env.max_pixels_per_frame=7168", "env.max_frames=8", "env.max_frames_per_call=4", "learner.num_cpus=0.25",
-        "learner.max_staleness=1", "run.display=log", "data.val_path=null"]
-SIZE_OF = {"videozoomer": ["env.max_turns=2"],  # every episode that does not answer at once meets the last turn
+        "learner.max_staleness=0", "run.display=log", "data.val_path=null"]  # synchronous: no group past the 2 steps
+SIZE_OF = {"videozoomer": ["env.max_turns=2", "rollout.max_tokens_per_turn=64"],  # ... meets the last turn
            "paravt": ["env.overview_choices=[2,4]", "rollout.subagent_max_tokens=24", "env.max_turns=2"],
-           "video_o3": ["env.max_turns=3"], "weaver": ["env.max_turns=3"], "deepeyes": ["env.max_turns=3"]}
+           **{r: ["env.max_turns=2", "rollout.max_tokens_per_turn=64"] for r in ("video_o3", "weaver", "deepeyes")}}
 
 
 class CropVideoOracle:
@@ -418,7 +418,7 @@ def paravt_sft(tiny_model_dir, short_demo_dir, tmp_path_factory):
     sm = SftModel(cfg, tiny_model_dir)
     tasks = load_tasks(short_demo_dir / "tasks.jsonl")
     trajs = scripted_trajectories(tasks, sm.processor, cfg, 6, make_policy=CropVideoOracle)
-    run_sft(sm, to_samples(trajs, sm.processor, sm.image_token_id), 40, seed=0)
+    run_sft(sm, to_samples(trajs, sm.processor, sm.image_token_id), 50, seed=0)
     out = tmp_path_factory.mktemp("paravt_sft") / "model"
     sm.model.save_pretrained(out)
     sm.processor.save_pretrained(out)
