@@ -209,8 +209,8 @@ class VideoToolEnv:
             call = ep.calls[rec]
             if text is None:
                 COUNTERS["subagent_unanswered"] += 1
-                err = (f"{name} is answered by the policy itself as a sub-agent, and no model is at hand to "
-                       "answer it (weft check-env and scripted policies run without one)")
+                err = (f"{name} is answered by the policy itself as a sub-agent, and no answer came back: no model "
+                       "is at hand (weft check-env and scripted policies run without one), or its generation failed")
                 lines[line] = f"{head} error: {err}."
                 ep.calls[rec] = dataclasses.replace(call, ok=False, error=err)
                 ep.tool_calls_ok -= 1
