@@ -217,20 +217,23 @@ def _intersection_length(u: list[tuple[float, float]], v: list[tuple[float, floa
     return total
 
 
-def evidence_score(windows: list[tuple[float, float]], spans: list[tuple[float, float]]) -> float:
-    """Video-o3: ((2*IoU + IoP + IoG)/4 + 1)/2 of W = union(windows) vs S = union(spans).
-
-    IoU = |W∩S|/|W∪S|, IoP = |W∩S|/|W|, IoG = |W∩S|/|S|. No windows (or no spans) -> 0.
-    Windows that miss the spans entirely give 0.5 (the formula's floor)."""
+def overlap_score(windows: list[tuple[float, float]], spans: list[tuple[float, float]]) -> float:
+    """Video-o3's g = (2*IoU + IoP + IoG)/4 of W = union(windows) vs S = union(spans): IoU = |W∩S|/|W∪S|,
+    IoP = |W∩S|/|W|, IoG = |W∩S|/|S|. No windows (or no spans) -> 0."""
     w, s = union_intervals(windows), union_intervals(spans)
     len_w, len_s = _length(w), _length(s)
     if len_w <= 0 or len_s <= 0:
         return 0.0
     inter = _intersection_length(w, s)
-    iou = inter / (len_w + len_s - inter)
-    iop = inter / len_w
-    iog = inter / len_s
-    return ((2 * iou + iop + iog) / 4 + 1) / 2
+    return (2 * inter / (len_w + len_s - inter) + inter / len_w + inter / len_s) / 4
+
+
+def evidence_score(windows: list[tuple[float, float]], spans: list[tuple[float, float]]) -> float:
+    """Video-o3's evidence term (overlap_score(windows, spans) + 1)/2; no windows (or no spans) -> 0.
+    Windows that miss the spans entirely give 0.5 (the formula's floor)."""
+    if _length(union_intervals(windows)) <= 0 or _length(union_intervals(spans)) <= 0:
+        return 0.0
+    return (overlap_score(windows, spans) + 1) / 2
 
 
 # ---------------------------------------------------------------- episode reward

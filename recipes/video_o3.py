@@ -17,7 +17,7 @@ from __future__ import annotations
 import math
 from typing import Optional
 
-from env.rewards import union_intervals
+from env.rewards import overlap_score
 from env.tool import Tool, ToolOutput
 from env.types import Episode, Task
 from env.video import resize_to_fit
@@ -87,25 +87,13 @@ def format_score(episode: Episode) -> float:
     return max(0.0, 1.0 - refused / len(texts))
 
 
-def grounding_overlap(windows: list[tuple[float, float]], spans: list[tuple[float, float]]) -> float:
-    """g = (2 IoU + IoP + IoG) / 4 of the merged windows against the merged spans (0 if either is empty)."""
-    w, s = union_intervals(windows), union_intervals(spans)
-    lw, ls = sum(b - a for a, b in w), sum(b - a for a, b in s)
-    inter = sum(max(0.0, min(b1, b2) - max(a1, a2)) for a1, b1 in w for a2, b2 in s)
-    union = lw + ls - inter
-    iou = inter / union if union > 1e-6 else 0.0
-    iop = inter / lw if lw > 1e-6 else 0.0
-    iog = inter / ls if ls > 1e-6 else 0.0
-    return (2 * iou + iop + iog) / 4
-
-
 def tool_score(episode: Episode, task: Task, acc: float, fmt: float, decay_penalty: float = DECAY_PENALTY) -> float:
     """R_tool = s (g + 1) / 2 when answer and format are right (see the module notes for s and g)."""
     if acc != 1.0 or fmt != 1.0:
         return 0.0
     calls = sum(1 for c in episode.tool_calls if c.ok)
     if task.evidence:
-        return (grounding_overlap(episode.windows, task.evidence) + 1) / 2 if calls else 0.0
+        return (overlap_score(episode.windows, task.evidence) + 1) / 2 if calls else 0.0
     return (1.0 - 2 * decay_penalty * calls) * (0.5 + 1) / 2
 
 
