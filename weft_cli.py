@@ -20,8 +20,11 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     p = sub.add_parser("make-demo-data", help="Encode procedurally generated videos and tasks with known answers.")
     p.add_argument("--out", required=True, help="Output directory (tasks.jsonl + videos/).")
     p.add_argument("--videos", type=int, default=8, help="Number of videos (one task each).")
-    p.add_argument("--seconds", type=float, default=60.0, help="Length of each video in seconds.")
+    p.add_argument("--seconds", type=float, default=30.0, help="Length of each video in seconds (flash: at least 30).")
     p.add_argument("--seed", type=int, default=0, help="Seed: same seed, same data.")
+    p.add_argument("--family", choices=["flash", "digits"], default="flash",
+                   help="flash: the colour of a brief shape flash, which only the tools show (env/flash.py, the "
+                        "demo's); digits: the digit in a small circle, legible only at native resolution (env/demo.py).")
     p.set_defaults(func=_make_demo_data)
 
     p = sub.add_parser("check-env", help="Run scripted policies through the environment; print a JSON summary last.")
@@ -122,8 +125,10 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
 
 def _make_demo_data(args: argparse.Namespace) -> int:
     from env.demo import make_demo_data
+    from env.flash import make_flash_data
 
-    path = make_demo_data(args.out, videos=args.videos, seconds=args.seconds, seed=args.seed)
+    make = make_flash_data if args.family == "flash" else make_demo_data
+    path = make(args.out, videos=args.videos, seconds=args.seconds, seed=args.seed)
     print(json.dumps({"tasks": str(path)}))
     return 0
 
@@ -303,7 +308,7 @@ def _check_env(args: argparse.Namespace) -> int:
         report = check_env(tasks, cfg=cfg.env, env=env, seed=args.seed)
     locate, read = demo_perception()
     policy = {
-        "oracle": lambda: OraclePolicy(locate, read, seed=args.seed),
+        "oracle": lambda: OraclePolicy(locate, read, zoom_frames=min(8, cfg.env.max_frames_per_call), seed=args.seed),
         "blind": lambda: BlindPolicy(locate, read, seed=args.seed),
         "random": lambda: RandomPolicy(asyncio.run(env.tool_schemas()), seed=args.seed),
         "fuzz": lambda: FuzzPolicy(seed=args.seed, tools=asyncio.run(env.tool_schemas())),

@@ -8,12 +8,16 @@ Pacing (bounded staleness, as AReaL's rollout controller does it): with B batche
 trained, s = learner.max_staleness and n = trainer.groups_per_step, a new group is
 started only while
 
-    running + (accepted by the learner - dropped stale at take) < (B + s + 1) * n
+    running + (accepted by the learner - dropped stale at take) < (B_g + s + 1) * n
 
-and it starts from the learner's current weights (the worker waits for them: they are
-pushed right after each step). A group started at version v is then among the first
-(v + s + 1) * n groups, so it is trained by version v + s at the latest: its oldest token
-is at most s versions stale (AReaL's argument). s = 0 is the synchronous baseline (a step's groups all start from the newest
+for B_g the batches trained when the oldest running group g started (B itself when none
+runs), and it starts from the learner's current weights (the worker waits for them: they
+are pushed right after each step). A group started at version v is then among the first
+(v + s + 1) * n groups supplied, and while it runs no group is started beyond them, so the
+learner cannot train (v + s + 1) batches without it: its oldest token is at most s versions
+stale. AReaL's bound uses B alone, which assumes groups finish in the order they started;
+one slow group overtaken by later ones then went stale (seen in the demo run). The oldest
+running group's B_g is what makes the bound hold when groups finish out of order. s = 0 is the synchronous baseline (a step's groups all start from the newest
 weights, and none starts while the learner trains); s > 0 lets rollout run ahead while
 the learner trains, and episodes in flight keep going across weight updates (the
 workers load new weights with pause(keep) -> load -> resume).
@@ -67,6 +71,7 @@ class Item:
     group_id: str
     task: Task
     attempts: int = 0
+    started_batches: int = 0  # the learner's trained batches when this attempt was dispatched
 
 
 def call_run_item(worker: Any, item: dict[str, Any]) -> Any:
@@ -184,7 +189,9 @@ class Dispatcher:
         ahead = self.staleness + 1
         if self.val is not None and self.val.at is not None:
             ahead = min(ahead, max(0, self.val.at - p["step"]))
-        return (p["batches"] + ahead) * self.gps - supplied
+        oldest = min((item.started_batches for item, _ in self.running.values()), default=p["batches"])
+        limit = min(p["batches"] + ahead, oldest + self.staleness + 1)
+        return limit * self.gps - supplied
 
     def _dispatch(self) -> None:
         for _ in range(max(self.budget(), 0)):
@@ -193,6 +200,7 @@ class Dispatcher:
                 return
             item = self.queue.popleft() if self.queue else self._new_item()
             item.attempts += 1
+            item.started_batches = self.progress["batches"]
             payload = {"group_id": item.group_id, "task": item.task, "env": self._env_for(item),
                        "min_version": self.progress["version"],
                        "next_task": self.sampler.peek() if self.sampler.tasks else None}

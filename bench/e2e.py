@@ -36,11 +36,11 @@ sys.path.insert(0, str(ROOT))
 
 def prepare(work: Path) -> tuple[Path, Path]:
     """Demo data, the tiny model and its demo SFT (on the cold-start set), as scripts/demo.sh makes them."""
-    from env.demo import DEMO_COLDSTART, DEMO_RL, make_demo_data
+    from env.flash import DEMO_COLDSTART, DEMO_RL, make_flash_data
 
     data, cold, tiny, sft = work / "data", work / "coldstart", work / "tiny", work / "sft"
-    make_demo_data(data, **DEMO_RL)
-    make_demo_data(cold, **DEMO_COLDSTART)
+    make_flash_data(data, **DEMO_RL)
+    make_flash_data(cold, **DEMO_COLDSTART)
     weft = [sys.executable, "-m", "weft_cli"]
     subprocess.run([*weft, "make-tiny-model", "--out", str(tiny)], cwd=ROOT, check=True, capture_output=True)
     subprocess.run([*weft, "sft", "--model", str(tiny), "--data", str(cold), "--config", "configs/demo.yaml",

@@ -182,12 +182,20 @@ def _scene(seed: int, size: tuple[int, int], fps: float) -> tuple[np.ndarray, li
     return tex, shapes, rng.uniform(20, 40) * fps, pad
 
 
+Sprite = tuple[int, int, int, int, np.ndarray, np.ndarray]  # first frame, last frame, left, top, RGB, mask
+
+
+def event_sprites(events: list[Event]) -> list[Sprite]:
+    """The digit family's events as sprites for render_frames."""
+    return [(e.first, e.last, e.x - e.radius, e.y - e.radius, *marker_sprite(e.radius, e.colour, e.digit))
+            for e in events]
+
+
 def render_frames(seed: int, n_frames: int, fps: float, size: tuple[int, int],
-                  events: list[Event]) -> Iterator[np.ndarray]:
-    """Yield the RGB frames of one video (deterministic for the seed)."""
+                  sprites: list[Sprite]) -> Iterator[np.ndarray]:
+    """Yield the RGB frames of one video: the seed's background, each sprite on its frames (deterministic)."""
     w, h = size
     tex, shapes, period, pad = _scene(seed, size, fps)
-    sprites = {e: marker_sprite(e.radius, e.colour, e.digit) for e in events}
     for i in range(n_frames):
         ox = int(pad / 2 + pad / 2 * math.sin(2 * math.pi * i / period))
         oy = int(pad / 2 + pad / 2 * math.cos(2 * math.pi * i / (1.3 * period)))
@@ -195,9 +203,9 @@ def render_frames(seed: int, n_frames: int, fps: float, size: tuple[int, int],
         for s in shapes:
             _paste(frame, s["rgb"], s["mask"], int(s["pos"][0]), int(s["pos"][1]))
             _move(s, w, h, 1.0 / fps)
-        for e, (rgb, mask) in sprites.items():
-            if e.first <= i <= e.last:
-                _paste(frame, rgb, mask, e.x - e.radius, e.y - e.radius)
+        for first, last, x0, y0, rgb, mask in sprites:
+            if first <= i <= last:
+                _paste(frame, rgb, mask, x0, y0)
         yield frame
 
 
@@ -241,8 +249,10 @@ def write_video(path: str | Path, frames: Iterable[np.ndarray], fps: float, gop:
 
 # ------------------------------------------------------------------ tasks
 
-def _captions(rng: np.random.Generator, seconds: float, fps: float, size: tuple[int, int],
-              events: list[Event], pixel_seed: int) -> list[dict]:
+def captions(rng: np.random.Generator, seconds: float, fps: float, size: tuple[int, int],
+             events: list[tuple[int, int, int, int, str]], pixel_seed: int) -> list[dict]:
+    """One caption per CAPTION_SECONDS segment: the background's shapes and motion, then a phrase for
+    each event (first frame, last frame, x, y, phrase with "{where}") that overlaps the segment."""
     w, h = size
     shapes = _scene(pixel_seed, size, fps)[1]  # the shapes the frames show, to name them
     kinds = sorted({f"{s['shade']} {s['kind']}s" for s in shapes})
@@ -253,9 +263,9 @@ def _captions(rng: np.random.Generator, seconds: float, fps: float, size: tuple[
         end = min(seconds, start + CAPTION_SECONDS)
         text = f"{' and '.join(rng.choice(kinds, size=min(2, len(kinds)), replace=False))} " \
                f"{rng.choice(motions)} a textured background"
-        for e in events:
-            if e.first / fps < end and (e.last + 1) / fps > start:
-                text += f"; a {e.colour} circle with a number appears in the {_where(e.x, e.y, w, h)}"
+        for first, last, x, y, phrase in events:
+            if first / fps < end and (last + 1) / fps > start:
+                text += "; " + phrase.format(where=_where(x, y, w, h))
         caps.append({"start": round(start, 3), "end": round(end, 3), "text": text})
         start = end
     return caps
@@ -286,7 +296,8 @@ def make_task(index: int, seed: int, seconds: float, fps: float, size: tuple[int
         "options": options,
         "answer": target.digit,
         "evidence": [[round(target.first / fps, 3), round((target.last + 1) / fps, 3)]],
-        "captions": _captions(rng, n_frames / fps, fps, size, events, pixel_seed),
+        "captions": captions(rng, n_frames / fps, fps, size, [(e.first, e.last, e.x, e.y, f"a {e.colour} circle with a "
+                             "number appears in the {where}") for e in events], pixel_seed),
         "metadata": {"event_bbox": bbox, "colour": target.colour, "event_frames": [target.first, target.last],
                      "distractors": [{"colour": e.colour, "digit": e.digit,
                                       "span": [round(e.first / fps, 3), round((e.last + 1) / fps, 3)]}
@@ -295,33 +306,40 @@ def make_task(index: int, seed: int, seconds: float, fps: float, size: tuple[int
     return task, events, pixel_seed
 
 
-# The demo's two data sets (scripts/demo.sh, bench/e2e.py, tests/test_train.py). The RL tasks and
-# the cold-start SFT set are apart, as in VideoZoomer and VideoThinker: the SFT teaches the action
-# format and tool use on other videos and leaves the RL tasks' answers for GRPO to find. A tiny
-# model cannot read the 1-px digits, so what GRPO can find on these tasks is which option letter
-# pays: seed 13's tasks answer C in 5 of 8, the cold-start set (seed 7) answers each letter twice.
-DEMO_RL = {"videos": 8, "seconds": 30.0, "seed": 13}
-DEMO_COLDSTART = {"videos": 8, "seconds": 12.0, "seed": 7}
-DEMO_VAL = {"videos": 8, "seconds": 30.0, "seed": 21}  # held out from both: validation during the demo's training
+# The demo runs on the flash family (env/flash.py: DEMO_RL, DEMO_COLDSTART, DEMO_HELDOUT); digit
+# tasks are what tests and benchmarks of spatial_zoom and decoding use.
 
 
 def make_demo_data(out_dir: str | Path, videos: int = 8, seconds: float = 60.0, seed: int = 0,
                    fps: float = 10.0, size: tuple[int, int] = (640, 360), gop: int = 250) -> Path:
     """Write `videos` mp4s under out_dir/videos and out_dir/tasks.jsonl; return the jsonl path."""
-    from env.tasks import write_tasks
-
     if videos < 1 or seconds < 6 or fps <= 0:
         raise ValueError(f"make_demo_data: need videos >= 1, seconds >= 6, fps > 0 (got {videos}, {seconds}, {fps})")
+
+    def make(i: int, rel: str, wh: tuple[int, int]) -> tuple[dict, list[Sprite], int]:
+        task, events, pixel_seed = make_task(i, seed, seconds, fps, wh, rel)
+        return task, event_sprites(events), pixel_seed
+
+    return write_task_set(out_dir, f"demo_{seed}", videos, seconds, fps, size, gop, make)
+
+
+def write_task_set(out_dir: str | Path, prefix: str, videos: int, seconds: float, fps: float,
+                   size: tuple[int, int], gop: int,
+                   make: Callable[[int, str, tuple[int, int]], tuple[dict, list[Sprite], int]]) -> Path:
+    """Encode videos/{prefix}_{i:03d}.mp4 for i < videos, each from make(i, relative path, size) ->
+    (task, sprites, pixel seed), and write their tasks.jsonl; return its path."""
+    from env.tasks import write_tasks
+
     w, h = (int(v) for v in size)
     if w < 160 or h < 90 or w % 2 or h % 2:
-        raise ValueError(f"make_demo_data: size must be even and at least 160x90, got {size}")
+        raise ValueError(f"size must be even and at least 160x90, got {size}")
     out_dir = Path(out_dir)
     tasks = []
     for i in range(videos):
-        rel = f"videos/demo_{seed}_{i:03d}.mp4"
-        task, events, pixel_seed = make_task(i, seed, seconds, fps, (w, h), rel)
-        n_frames = int(round(seconds * fps))
-        write_video(out_dir / rel, render_frames(pixel_seed, n_frames, fps, (w, h), events), fps, gop=gop)
+        rel = f"videos/{prefix}_{i:03d}.mp4"
+        task, sprites, pixel_seed = make(i, rel, (w, h))
+        write_video(out_dir / rel, render_frames(pixel_seed, int(round(seconds * fps)), fps, (w, h), sprites), fps,
+                    gop=gop)
         tasks.append(task)
     return write_tasks(out_dir / "tasks.jsonl", tasks)
 
@@ -467,8 +485,13 @@ def read_digit(image: np.ndarray, min_score: float = 0.55, min_margin: float = 0
 
 def demo_perception() -> tuple[Callable[[np.ndarray, Any], Optional[tuple[float, float, float, float]]],
                                Callable[[np.ndarray, Any], Optional[str]]]:
-    """(locate, read) in env.testing's form, (image, task) -> box / answer, for demo tasks:
-    locate finds the circle of the colour the question names; read reads its digit."""
+    """(locate, read) in env.testing's form, (image, task) -> box / answer, for demo tasks. Digit
+    tasks: locate finds the circle of the colour the question names; read reads its digit. Flash
+    tasks (env.flash, metadata family "flash"): locate finds the flash; read reads its colour."""
+    from env.flash import locate_flash, read_colour
+
+    def is_flash(task: Any) -> bool:
+        return (getattr(task, "metadata", None) or {}).get("family") == "flash"
 
     def colour_of(task: Any) -> Optional[str]:
         meta = getattr(task, "metadata", None) or {}
@@ -478,11 +501,13 @@ def demo_perception() -> tuple[Callable[[np.ndarray, Any], Optional[tuple[float,
         return next((c for c in COLOURS if c in words), None)
 
     def locate(image: np.ndarray, task: Any) -> Optional[tuple[float, float, float, float]]:
+        if is_flash(task):
+            return locate_flash(image)
         colour = colour_of(task)
         return locate_marker(image, colour) if colour else None
 
     def read(image: np.ndarray, task: Any) -> Optional[str]:
-        return read_digit(image)
+        return read_colour(image) if is_flash(task) else read_digit(image)
 
     return locate, read
 

@@ -128,7 +128,8 @@ class VideoToolEnv:
             lines.append("Answer inside <answer>...</answer>.")
         lines.append("The overview is coarse: use the tools to look closer before answering." if self.toolset
                      else "Answer from these frames.")
-        return Observation("\n".join(lines), frames), self._info(ep, overview_frames=len(frames))
+        return Observation("\n".join(lines), frames), self._info(ep, overview_frames=len(frames),
+                                                                 tools=list(self.toolset))
 
     def overview_count(self, task: Task, seed: Optional[int] = None, duration: Optional[float] = None) -> int:
         """Overview size: drawn per task from overview_choices (stable for a seed), else duration x

@@ -20,6 +20,7 @@ from __future__ import annotations
 import asyncio
 import json
 import random
+import re
 import time
 from dataclasses import dataclass, field
 from typing import Any, Callable, Optional, Protocol, Sequence
@@ -65,7 +66,9 @@ def answer_text(task: Task, value: str) -> str:
 class OraclePolicy:
     """Uses the evidence: turn 1 searches the captions and zooms into the evidence span,
     turn 2 crops where `locate` finds the target, turn 3 answers what `read` reads.
-    Without perception functions it answers the ground truth after zooming."""
+    Without perception functions it answers the ground truth after zooming. A task whose metadata
+    says "oracle_plan": "search_then_zoom" (env.flash) is played as a model could: search, zoom
+    into the segment found, answer from the zoomed frames."""
 
     def __init__(self, locate: Optional[Locate] = None, read: Optional[Read] = None, zoom_frames: int = 8,
                  seed: int = 0):
@@ -74,10 +77,17 @@ class OraclePolicy:
 
     def begin(self, task: Task, obs: Observation, info: dict) -> None:
         self.task, self.duration, self.turn = task, info["duration"], 0
+        self.blind = None if info.get("tools", True) else BlindPolicy(self.locate, self.read, seed=self.rng.randrange(2**31))
+        if self.blind is not None:  # no tools at all (the no-tools baseline): answer from the frames shown
+            self.blind.begin(task, obs, info)
 
     def act(self, obs: Observation, info: dict) -> str:
         self.turn += 1
         task = self.task
+        if self.blind is not None:
+            return self.blind.act(obs, info)
+        if (task.metadata or {}).get("oracle_plan") == "search_then_zoom" and task.captions:
+            return self._search_then_zoom(obs)
         if self.turn == 1:
             acts = [call("temporal_search", query=task.question, top_k=3)] if task.captions else []
             if task.evidence:
@@ -99,6 +109,24 @@ class OraclePolicy:
             if value is not None:
                 return answer_text(task, value)
         return f"<answer>{_guess(task, self.rng)}</answer>"
+
+
+    def _search_then_zoom(self, obs: Observation) -> str:
+        """What a model can do without the evidence: search with the question, zoom into the segment
+        the search returns (its first hit), answer what `read` reads in the zoomed frames."""
+        if self.turn == 1:
+            return call("temporal_search", query=self.task.question, top_k=1)
+        hit = _FIRST_HIT.search(obs.text) if self.turn == 2 else None
+        if hit:
+            return call("temporal_zoom", start=float(hit.group(1)), end=float(hit.group(2)), num_frames=self.zoom_frames)
+        for fr in obs.frames:
+            value = self.read(fr.image, self.task) if self.read is not None else None
+            if value is not None:
+                return answer_text(self.task, value)
+        return f"<answer>{_guess(self.task, self.rng)}</answer>"
+
+
+_FIRST_HIT = re.compile(r"^1\. (\d+(?:\.\d+)?)s-(\d+(?:\.\d+)?)s", re.MULTILINE)  # env.tools' search rows
 
 
 class BlindPolicy:

@@ -337,6 +337,11 @@ def load_sft_data(data: str | Path, processor: Any, cfg: WeftConfig,
         n_eval = max(1, len(tasks) // 8) if cfg.trainer.sft_eval_turns and len(tasks) > 1 else 0
         train_tasks, eval_tasks = tasks[n_eval:], tasks[:n_eval]
         train = scripted(train_tasks, processor, cfg, cfg.trainer.sft_episodes, seed=cfg.seed)
+        if cfg.trainer.sft_no_tools_episodes:
+            from actors.evaluator import eval_config
+
+            baseline = eval_config(cfg, no_tools=True, frames=cfg.env.overview_frames + cfg.env.max_frames)
+            train += scripted(train_tasks, processor, baseline, cfg.trainer.sft_no_tools_episodes, seed=cfg.seed + 1)
         held = scripted(eval_tasks, processor, cfg, len(eval_tasks), seed=cfg.seed + 10**6) if eval_tasks else []
         return train, held
     from protos.codec import read_trajectories

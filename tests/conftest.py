@@ -100,14 +100,17 @@ def _demo_sft(base, tmp_path_factory, name: str):
     import subprocess
     import sys
 
-    from env.demo import DEMO_COLDSTART, make_demo_data
+    from env.flash import make_flash_data
 
     root = tmp_path_factory.mktemp(name)
-    make_demo_data(root / "coldstart", **DEMO_COLDSTART)
+    make_flash_data(root / "coldstart", videos=16, seconds=30, seed=7)
     out = root / "model"
+    # A short SFT (the demo's runs 300 steps): enough for the format and the search -> zoom pattern,
+    # which is what the tests that need a model that acts rely on.
     subprocess.run([sys.executable, "-m", "weft_cli", "sft", "--model", str(base), "--data",
                     str(root / "coldstart"), "--config", "configs/demo.yaml", "--out", str(out),
-                    "trainer.sft_eval_turns=0", "trainer.tensorboard=false"],
+                    "trainer.sft_eval_turns=0", "trainer.tensorboard=false", "trainer.sft_steps=60",
+                    "trainer.sft_batch_size=2", "trainer.sft_episodes=16", "trainer.sft_no_tools_episodes=0"],
                    cwd=ROOT, check=True, capture_output=True, timeout=900)
     return out
 

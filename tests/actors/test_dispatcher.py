@@ -37,6 +37,7 @@ class FakeLearner:
         self.violations: list[str] = []
         self.saved = (dict(self.p), set())
         self.lost = False
+        self.restored_at = None  # the version the restored learner started at
         self.trained: list[str] = []  # group ids in the order the surviving timeline trained them
         self.pending: list[str] = []
 
@@ -46,8 +47,10 @@ class FakeLearner:
         if group_id in self.seen:
             self.p["duplicate"] += 1
             return "duplicate", self.p["version"]
-        if self.p["version"] - started_version > self.s:
-            self.violations.append(f"{group_id}: started at v{started_version}, learner at v{self.p['version']}")
+        if self.p["version"] - started_version > self.s:  # the real learner drops it (stale_at_put)
+            self.violations.append((group_id, started_version, self.p["version"]))
+            self.p["stale_at_put"] += 1
+            return "stale", self.p["version"]
         self.seen.add(group_id)
         self.pending.append(group_id)
         self.p["accepted"] += 1
@@ -73,13 +76,17 @@ class FakeLearner:
         p, seen, trained, pending = self.saved
         self.p, self.seen, self.trained, self.pending = dict(p), set(seen), list(trained), list(pending)
         self.p["version"] = published + 1
+        self.restored_at = self.p["version"]
         self.lost = False
 
     def seen_ids(self) -> list[str]:
         return sorted(self.seen)
 
-    def report(self) -> tuple[dict, list[str], list[str]]:
+    def report(self) -> tuple[dict, list[tuple[str, int, int]], list[str]]:
         return self.progress(), self.violations, self.trained
+
+    def restored_version(self):
+        return self.restored_at
 
 
 class FakeGroup:
@@ -212,9 +219,30 @@ def test_a_lost_learner_is_restarted_and_the_groups_it_lost_run_again(cluster):
     accepted since are run again, and the surviving timeline trains every group exactly once."""
     acct, progress, violations, _, d = run(staleness=1, steps=10, crash_at=7, checkpoint_every=4)
     assert acct["learner_restarts"] == 1 and acct["reruns"]["learner_lost"] >= 3, acct  # step 7's groups at least
-    assert progress["step"] >= 9 and violations == []
+    # The restored learner starts above every version its predecessor published, so a group started
+    # before the loss and submitted after it may be too old: it is dropped (stale), never trained. No
+    # group started after the restart is.
+    restored = ray.get(d.learner.actor.restored_version.remote())
+    assert progress["step"] >= 9 and all(started < restored for _, started, _ in violations), (violations, restored)
+    assert acct["stale"] == len(violations)
     ends = sum(acct[k] for k in ("accepted", "duplicate", "stale", "rejected", "given_up", "abandoned", "pending"))
     assert ends == acct["created"]
     assert progress["accepted"] == acct["accepted"]  # what the restored learner holds is what the driver counts
     trained = run.trained
     assert len(trained) == len(set(trained)) == progress["groups_consumed"]  # none twice, none lost
+
+
+def test_a_slow_group_holds_back_new_starts_until_it_is_in():
+    """Out-of-order completion: a group started at batch 0 that is still running after the learner
+    trained batch 1 (with groups started later) caps the supply at (0 + s + 1) * n, so the learner
+    cannot train the batch that would leave it more than s versions behind."""
+    from actors.dispatcher import Dispatcher, Item
+
+    cfg = load_config(None, ["learner.max_staleness=1", "trainer.groups_per_step=2"])
+    d = Dispatcher(cfg, tasks(), [], [], learner=None)
+    d.progress = {"batches": 1, "step": 1, "version": 1, "accepted": 3, "stale_at_take": 0}
+    assert d.budget() == (1 + 1 + 1) * 2 - 3  # nothing running: AReaL's bound from the current batch
+    d.running = {"g0": (Item(0, "g0", tasks()[0], 1, started_batches=0), 0)}
+    assert d.budget() == (0 + 1 + 1) * 2 - 4 == 0  # the slow one is the 4th: no 5th may start before it lands
+    d.running["g4"] = (Item(4, "g4", tasks()[0], 1, started_batches=1), 0)
+    assert d.budget() < 0

@@ -1,0 +1,92 @@
+"""The demo's task family (env/flash.py) on real encoded video: what the overview and the no-tools
+baseline show (no flash, ever), what a zoom into the searched segment shows (the target's colour),
+and the scripted policies' accuracy under configs/demo.yaml (oracle >= 0.95, blind near chance)."""
+
+from __future__ import annotations
+
+import collections
+import hashlib
+import re
+
+import pytest
+
+from env.demo import load_jsonl, render_frames
+from env.flash import (AVOID_COUNTS, OPTIONS, flash_sprites, make_flash_data, make_flash_task, read_colour,
+                       shape_sprite)
+
+
+@pytest.fixture(scope="module")
+def flash(tmp_path_factory):
+    root = tmp_path_factory.mktemp("flash")
+    make_flash_data(root, videos=8, seconds=30, seed=5)
+    return root
+
+
+def test_tasks_are_deterministic_and_balanced(flash, tmp_path):
+    tasks = load_jsonl(flash / "tasks.jsonl")
+    again = make_flash_data(tmp_path, videos=2, seconds=30, seed=5)
+    assert load_jsonl(again) == tasks[:2]
+    # The pixels are the seed's. (The encoded bytes are not always: libx264 at 320x180 gave different
+    # bytes for the same frames about 1 time in 4, differing in frames 1-3, so bytes are not compared.)
+    def pixels() -> bytes:
+        _, flashes, pixel_seed = make_flash_task(0, 5, 30, 10.0, (320, 180), "v")
+        frames = render_frames(pixel_seed, 300, 10.0, (320, 180), flash_sprites(flashes))
+        return hashlib.md5(b"".join(f.tobytes() for f in frames)).digest()
+
+    assert pixels() == pixels()
+    # Fixed options, answers cycling through them: no option letter pays more than another.
+    assert all(t["options"] == OPTIONS for t in tasks)
+    assert collections.Counter(t["answer"] for t in tasks) == {c: 2 for c in OPTIONS}
+    for t in tasks:
+        shape = t["metadata"]["shape"]
+        assert shape in t["question"] and t["answer"] not in t["question"]
+        hits = [c for c in t["captions"] if f"a {shape} flashes" in c["text"]]
+        words = {w for c in t["captions"] for w in re.findall(r"[a-z]+", c["text"])}
+        assert len(hits) == 1 and not words & set(OPTIONS), words & set(OPTIONS)  # no caption names a colour
+        (s, e), = t["evidence"]
+        assert hits[0]["start"] <= s < e <= hits[0]["end"]
+
+
+def test_uniform_frames_never_show_a_flash_and_a_zoom_into_its_segment_does(flash):
+    from env.video import FrameDecoder
+
+    dec = FrameDecoder(256 * 2**20, 4)
+    for t in load_jsonl(flash / "tasks.jsonl"):
+        path = str(flash / t["video"])
+        info = dec.info(path)
+        uniform = [(i + 0.5) * info.duration / n for n in AVOID_COUNTS for i in range(n)]
+        frames = dec.frames(path, [min(info.num_frames - 1, int(x * info.fps)) for x in uniform], size=(112, 64))
+        assert [read_colour(f) for f in frames] == [None] * len(uniform), t["id"]
+        (s, _), = t["evidence"]
+        seg = 5.0 * int(s // 5.0)
+        zoom = dec.frames(path, [int((seg + 5.0 * (i + 0.5) / 4) * info.fps) for i in range(4)], size=(112, 64))
+        seen = {read_colour(f) for f in zoom} - {None}
+        assert seen == {t["answer"]}, (t["id"], seen)
+
+
+def test_read_colour_on_sprites_and_background():
+    import numpy as np
+
+    for kind in ("circle", "square", "triangle", "diamond"):
+        for colour in OPTIONS:
+            rgb, mask = shape_sprite(kind, 16, colour)
+            frame = np.full((64, 112, 3), 120, np.uint8)
+            frame[10:42, 40:72][mask] = rgb[mask]
+            assert read_colour(frame) == colour, (kind, colour)
+    assert read_colour(np.full((64, 112, 3), 120, np.uint8)) is None
+    assert read_colour(np.zeros((0, 0, 3), np.uint8)) is None
+
+
+def test_oracle_solves_it_and_the_blind_policy_is_at_chance(flash):
+    from configs import load_config
+    from env import LocalEnv, load_tasks
+    from env.demo import demo_perception
+    from env.testing import BlindPolicy, OraclePolicy, run_episodes
+
+    cfg = load_config("configs/demo.yaml", [])
+    tasks = load_tasks(flash / "tasks.jsonl")
+    locate, read = demo_perception()
+    oracle = run_episodes(tasks, OraclePolicy(locate, read, zoom_frames=4), 8, env=LocalEnv(cfg.env, cfg.reward))
+    blind = run_episodes(tasks, BlindPolicy(locate, read, seed=0), 8, env=LocalEnv(cfg.env, cfg.reward))
+    assert oracle["accuracy"] >= 0.95 and oracle["mean_tool_calls"] == 2.0, oracle
+    assert blind["accuracy"] <= 0.25 + 0.15, blind
