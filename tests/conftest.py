@@ -116,6 +116,28 @@ def _demo_sft(base, tmp_path_factory, name: str):
 
 
 @pytest.fixture(scope="session")
+def digits_sft_model(tiny_model_dir, tmp_path_factory):
+    """The tiny model after the earlier demo's cold start: the digit family (8 videos of 12 s, seed 7), all
+    four built-in tools, the oracle's 2-frame zooms, 60 steps of 2. The recipe runs use it: from the flash
+    model every episode of some recipes scored the same, so every group was filtered and no step trained."""
+    import subprocess
+    import sys
+
+    from env.demo import make_demo_data
+
+    root = tmp_path_factory.mktemp("digits_sft")
+    make_demo_data(root / "coldstart", videos=8, seconds=12, seed=7)
+    out = root / "model"
+    subprocess.run([sys.executable, "-m", "weft_cli", "sft", "--model", str(tiny_model_dir), "--data",
+                    str(root / "coldstart"), "--config", "configs/demo.yaml", "--out", str(out),
+                    "trainer.sft_eval_turns=0", "trainer.tensorboard=false", "trainer.sft_steps=60",
+                    "trainer.sft_batch_size=2", "trainer.sft_episodes=16", "trainer.sft_no_tools_episodes=0",
+                    "trainer.sft_zoom_frames=2", "env.tools=[temporal_zoom,spatial_zoom,temporal_search,get_frame]"],
+                   cwd=ROOT, check=True, capture_output=True, timeout=900)
+    return out
+
+
+@pytest.fixture(scope="session")
 def sft_model_qwen3(tmp_path_factory):
     """A tiny random Qwen3-VL after the demo's cold-start SFT, as `sft_model` is for Qwen2.5-VL."""
     from models.tiny import make_tiny_model
