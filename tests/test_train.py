@@ -208,9 +208,7 @@ def test_shortened_demo_learns(demo_sft, tmp_path):
     learned = learning_summary(read_metrics(run_dir), window=4)
     reward, accuracy = learned["reward_mean"], learned["accuracy"]
     assert reward["rise"] > 0.15 and reward["rise_se"] > 2.0, learned
-    # The tool term (0.1 a valid call) rose 0.026-0.033 in the README's runs and 0.016 in the run after the
-    # pacing change (reward +10 s.e. in both): the bar is half of what was seen, a rise all the same.
-    assert accuracy["rise"] > 0.1 and learned["reward/tool"]["rise"] > 0.01, learned
+    assert accuracy["rise"] > 0.1 and learned["reward/tool"]["rise"] > 0.02, learned
     # ... without giving up the action format the SFT taught (0.2 is its ceiling; a collapse, as seen
     # once from a weaker SFT, took it below 0).
     assert learned["reward/format"]["last_mean"] > 0.1, learned
