@@ -110,12 +110,12 @@ def test_answer_reads_from_a_native_crop_not_from_the_overview(demo, dec):
     import cv2
 
     seed, out, tasks = demo
-    native_ok, tries, small_ok, small_up_ok = 0, 0, 0, 0
+    native_ok, tries, small_ok, small_up_tasks = 0, 0, 0, 0
     for t in tasks:
         path = str(out.parent / t["video"])
         first, last = t["metadata"]["event_frames"]
         colour, answer = t["metadata"]["colour"], t["answer"]
-        task_ok = 0
+        task_ok = task_up = 0
         for i in sorted({first, (first + last) // 2, last}):
             tries += 1
             (zoom,) = dec.frames(path, [i], size=ZOOM)  # what temporal_zoom returns
@@ -127,12 +127,16 @@ def test_answer_reads_from_a_native_crop_not_from_the_overview(demo, dec):
             (small,) = dec.frames(path, [i], size=OVERVIEW)  # the event caught by an overview frame
             sc = crop_of(small, pad(t["metadata"]["event_bbox"]))
             small_ok += read_digit(sc) == answer
-            small_up_ok += read_digit(cv2.resize(np.ascontiguousarray(sc), fit(sc.shape[1], sc.shape[0]))) == answer
+            task_up += read_digit(cv2.resize(np.ascontiguousarray(sc), fit(sc.shape[1], sc.shape[0]))) == answer
         assert task_ok >= 1, (seed, t["id"])
+        small_up_tasks += task_up > 0
         native_ok += task_ok
     assert native_ok >= 0.8 * tries, f"seed {seed}: read {native_ok}/{tries} native crops"
     assert small_ok == 0, f"seed {seed}: read the digit at 160x90"
-    assert small_up_ok <= 0.25 * tries, f"seed {seed}: read {small_up_ok}/{tries} enlarged 160x90 crops"
+    # An enlarged overview crop reads now and then, and by task (glyph and place), not by frame: over
+    # seeds 1000-1039, 6 of 120 tasks read in some frame (12 of 360 frames), never 2 tasks of one seed.
+    # A bar on frames (<= 1/4 of them) failed in CI on a seed whose one readable task read in all 3.
+    assert small_up_tasks <= 1, f"seed {seed}: {small_up_tasks} of 3 tasks read from enlarged 160x90 crops"
 
 
 def test_overview_frames_do_not_give_the_answer(demo, dec):
