@@ -321,25 +321,10 @@ def _images_of(t: Trajectory) -> list[np.ndarray]:
 # ------------------------------------------------------------------ `weft sft`
 
 
-def decision_only(t: Trajectory, tokenizer: Any, marker: str = "<answer>") -> Trajectory:
-    """The trajectory with loss only on its generated tokens up to the end of `marker`: an answer-first
-    episode then teaches the choice to answer now rather than call a tool, and not the answer, which it
-    gave without evidence. A trajectory whose generated text never reaches `marker` trains nothing."""
-    import dataclasses
-
-    gen = np.flatnonzero(t.loss_mask)
-    keep = np.zeros_like(t.loss_mask)
-    for k in range(1, len(gen) + 1):
-        if marker in tokenizer.decode(t.token_ids[gen[:k]].tolist()):
-            keep[gen[:k]] = 1
-            break
-    return dataclasses.replace(t, loss_mask=keep)
-
-
 def load_sft_data(data: str | Path, processor: Any, cfg: WeftConfig,
                   scripted: Optional[Callable[..., list[Trajectory]]] = None) -> tuple[list[Trajectory], list[Trajectory]]:
     """(train, held-out) trajectories: scripted episodes of a task file (`scripted(tasks, processor, cfg,
-    episodes, seed=..., make_policy=...)` plays them, as actors.scripted_engine.scripted_trajectories does), or a trajectory file split 7:1."""
+    episodes, seed=...)` plays them), or a trajectory file split 7:1."""
     path = Path(data)
     task_file = path / "tasks.jsonl" if path.is_dir() else path
     if task_file.suffix == ".jsonl":
@@ -357,12 +342,6 @@ def load_sft_data(data: str | Path, processor: Any, cfg: WeftConfig,
 
             baseline = eval_config(cfg, no_tools=True, frames=cfg.env.overview_frames + cfg.env.max_frames)
             train += scripted(train_tasks, processor, baseline, cfg.trainer.sft_no_tools_episodes, seed=cfg.seed + 1)
-        if cfg.trainer.sft_answer_first_episodes:
-            from env.testing import BlindPolicy
-
-            first = scripted(train_tasks, processor, cfg, cfg.trainer.sft_answer_first_episodes, seed=cfg.seed + 2,
-                             make_policy=lambda i: BlindPolicy(seed=cfg.seed + 2 + i))
-            train += [decision_only(t, processor.tokenizer) for t in first]
         held = scripted(eval_tasks, processor, cfg, len(eval_tasks), seed=cfg.seed + 10**6) if eval_tasks else []
         return train, held
     from protos.codec import read_trajectories

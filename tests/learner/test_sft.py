@@ -131,29 +131,6 @@ def test_weft_sft_command(tiny_dir, demo_tasks, processor, make_cfg, tmp_path, c
         parser.parse_args(["--model", str(tiny_dir)])  # --data and --out are required
 
 
-def test_answer_first_episodes_train_the_choice_to_answer_and_not_the_answer(make_cfg, processor, demo_dir):
-    """trainer.sft_answer_first_episodes: episodes, tools offered, that answer in the first turn. Only the
-    turn's opening up to `<answer>` carries loss (the choice to answer now, not call a tool); the letter,
-    given without evidence, and the rest of the turn carry none. The oracle episodes keep every token."""
-    from actors.scripted_engine import scripted_trajectories
-    from learner.sft import load_sft_data, model_turns
-
-    cfg = make_cfg("trainer.sft_episodes=2", "trainer.sft_answer_first_episodes=3", "trainer.sft_eval_turns=0")
-    tok = processor.tokenizer
-    train, held = load_sft_data(demo_dir, processor, cfg, scripted_trajectories)
-    assert len(train) == 5 and held == []
-    oracle, first = train[:2], train[2:]
-    for t in oracle:
-        assert len(model_turns(t)) >= 2 and "<tool_call>" in t.metadata["turn_texts"][0]
-        assert t.loss_mask.sum() == sum(e - s for s, e in model_turns(t))
-    for t in first:
-        (turn,) = model_turns(t)  # one turn: the answer, no tool called
-        assert t.metadata["turn_texts"] == [t.metadata["turn_texts"][0]] and "<tool_call>" not in t.metadata["turn_texts"][0]
-        assert t.metadata["turn_texts"][0].startswith("<answer>")
-        trained = tok.decode(t.token_ids[t.loss_mask == 1].tolist(), skip_special_tokens=False)
-        assert trained == "<answer>" and np.flatnonzero(t.loss_mask).tolist() == [turn[0]], trained
-
-
 # ---------------------------------------------------------------- Video-o3's task-decoupled mask
 
 
