@@ -96,39 +96,20 @@ def short_demo_dir(tmp_path_factory):
     return out
 
 
-def _demo_sft(base, tmp_path_factory, name: str):
-    import subprocess
-    import sys
-
-    from env.flash import make_flash_data
-
-    root = tmp_path_factory.mktemp(name)
-    make_flash_data(root / "coldstart", videos=16, seconds=30, seed=7)
-    out = root / "model"
-    # A short SFT (the demo's runs 300 steps): enough for the format and the search -> zoom pattern,
-    # which is what the tests that need a model that acts rely on.
-    subprocess.run([sys.executable, "-m", "weft_cli", "sft", "--model", str(base), "--data",
-                    str(root / "coldstart"), "--config", "configs/demo.yaml", "--out", str(out),
-                    "trainer.sft_eval_turns=0", "trainer.tensorboard=false", "trainer.sft_steps=60",
-                    "trainer.sft_batch_size=2", "trainer.sft_episodes=16", "trainer.sft_no_tools_episodes=0"],
-                   cwd=ROOT, check=True, capture_output=True, timeout=900)
-    return out
-
-
-@pytest.fixture(scope="session")
-def digits_sft_model(tiny_model_dir, tmp_path_factory):
-    """The tiny model after the earlier demo's cold start: the digit family (8 videos of 12 s, seed 7), all
-    four built-in tools, the oracle's 2-frame zooms, 60 steps of 2. The recipe runs use it: from the flash
-    model every episode of some recipes scored the same, so every group was filtered and no step trained."""
+def _coldstart_sft(base, tmp_path_factory, name: str):
+    """`base` after a short cold start: the digit family (8 videos of 12 s, seed 7), the four built-in tools,
+    the oracle's 2-frame zooms, 60 steps of 2. Not the demo's flash cold start (300 steps, scripts/demo.sh):
+    60 steps of that taught a model whose episodes in some recipes all scored the same, so every group
+    was filtered and no step trained. No test needs the flash family's model."""
     import subprocess
     import sys
 
     from env.demo import make_demo_data
 
-    root = tmp_path_factory.mktemp("digits_sft")
+    root = tmp_path_factory.mktemp(name)
     make_demo_data(root / "coldstart", videos=8, seconds=12, seed=7)
     out = root / "model"
-    subprocess.run([sys.executable, "-m", "weft_cli", "sft", "--model", str(tiny_model_dir), "--data",
+    subprocess.run([sys.executable, "-m", "weft_cli", "sft", "--model", str(base), "--data",
                     str(root / "coldstart"), "--config", "configs/demo.yaml", "--out", str(out),
                     "trainer.sft_eval_turns=0", "trainer.tensorboard=false", "trainer.sft_steps=60",
                     "trainer.sft_batch_size=2", "trainer.sft_episodes=16", "trainer.sft_no_tools_episodes=0",
@@ -139,17 +120,17 @@ def digits_sft_model(tiny_model_dir, tmp_path_factory):
 
 @pytest.fixture(scope="session")
 def sft_model_qwen3(tmp_path_factory):
-    """A tiny random Qwen3-VL after the demo's cold-start SFT, as `sft_model` is for Qwen2.5-VL."""
+    """A tiny random Qwen3-VL after the tests' cold start, as `sft_model` is for Qwen2.5-VL."""
     from models.tiny import make_tiny_model
 
     base = make_tiny_model(tmp_path_factory.mktemp("tiny_qwen3") / "model", seed=0, family="qwen3_vl")
-    return _demo_sft(base, tmp_path_factory, "sft_qwen3")
+    return _coldstart_sft(base, tmp_path_factory, "sft_qwen3")
 
 
 @pytest.fixture(scope="session")
 def sft_model(tiny_model_dir, tmp_path_factory):
-    """The tiny model after the demo's cold-start SFT (`weft sft` with configs/demo.yaml on the demo's
-    cold-start set, as scripts/demo.sh makes it): it writes real tool calls and answers, so its
-    episodes have observation frames and rewards that differ within a group. Made once per session
-    for every test that needs a model that acts (agent loop, replay, train.py)."""
-    return _demo_sft(tiny_model_dir, tmp_path_factory, "sft")
+    """The tiny model after the tests' cold start (`_coldstart_sft`): it writes real tool calls and answers,
+    so its episodes have observation frames and rewards that differ within a group. Made once per
+    session for every test that needs a model that acts (agent loop, eval, replay, recipes, train.py);
+    they offer it the four tools it was taught."""
+    return _coldstart_sft(tiny_model_dir, tmp_path_factory, "sft")

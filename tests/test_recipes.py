@@ -453,7 +453,7 @@ def _results(recipe: str, proc: subprocess.Popen, log: Path, run_dir: Path) -> t
 
 
 @pytest.fixture(scope="module")
-def recipe_runs(digits_sft_model, paravt_sft, short_demo_dir, tmp_path_factory):
+def recipe_runs(sft_model, paravt_sft, short_demo_dir, tmp_path_factory):
     """The five 2-step runs, two at a time (each is its own Ray cluster; the two cores take two runs'
     start-ups and steps in about the time of 1.5 in a row), started once for the module."""
     root = tmp_path_factory.mktemp("recipe_runs")
@@ -461,7 +461,7 @@ def recipe_runs(digits_sft_model, paravt_sft, short_demo_dir, tmp_path_factory):
     while pending or running:
         while pending and len(running) < 2:
             recipe = pending.pop(0)
-            model = paravt_sft if recipe == "paravt" else digits_sft_model
+            model = paravt_sft if recipe == "paravt" else sft_model
             running.append((recipe, *_start(recipe, model, short_demo_dir, root / recipe)))
         recipe, proc, log = running.pop(0)
         try:

@@ -24,8 +24,8 @@ pytestmark = [pytest.mark.ray, pytest.mark.vllm, pytest.mark.slow]
 
 
 @pytest.fixture(scope="module")
-def demo_sft(digits_sft_model, tmp_path_factory):
-    """The demo's cold-start SFT model (conftest's `digits_sft_model`) and an RL set of 2 tasks instead of 8:
+def demo_sft(sft_model, tmp_path_factory):
+    """The tests' cold-start SFT model (conftest's `sft_model`) and an RL set of 2 tasks instead of 8:
     with groups_per_step=2 every step sees both, so the step-to-step noise is not which tasks were
     drawn. Both tasks answer C (seed 2): a tiny model cannot read the digits, so what GRPO can learn
     here is which option letter pays; the SFT model picks C in about a third of its episodes (it
@@ -34,7 +34,7 @@ def demo_sft(digits_sft_model, tmp_path_factory):
 
     root = tmp_path_factory.mktemp("e2e")
     make_demo_data(root / "data", videos=2, seconds=20, seed=2)
-    return root / "data", digits_sft_model
+    return root / "data", sft_model
 
 
 def start_train(run_dir: Path, data: Path, model: Path, *overrides: str) -> tuple[subprocess.Popen, Path, str]:
@@ -42,7 +42,7 @@ def start_train(run_dir: Path, data: Path, model: Path, *overrides: str) -> tupl
     ray_tmp = tempfile.mkdtemp(prefix="wtr", dir="/tmp")  # Ray's socket paths must stay short
     cmd = [sys.executable, "train.py", "--config", "configs/demo.yaml", "--model", str(model), "--run-dir", str(run_dir),
            f"data.path={data / 'tasks.jsonl'}", "data.val_path=null", "run.display=log", "trainer.tensorboard=false",
-           # The digit tasks and the model taught on them (conftest's digits_sft_model) with the four tools it saw.
+           # The digit tasks and the model taught on them (conftest's sft_model) with the four tools it saw.
            "env.tools=[temporal_zoom,spatial_zoom,temporal_search,get_frame]", *overrides]
     proc = subprocess.Popen(cmd, cwd=ROOT, stdout=open(log, "wb"), stderr=subprocess.STDOUT,
                             env={**os.environ, "RAY_TMPDIR": ray_tmp, "RAY_DEDUP_LOGS": "0"})

