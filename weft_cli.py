@@ -148,7 +148,8 @@ def _eval(args: argparse.Namespace) -> int:
     import logging
     import os
 
-    from actors.evaluator import eval_config, print_summary, run_eval
+    from actors.evaluator import print_summary, run_eval
+    from configs import eval_config
     from configs import load_config
     from env import load_tasks
 

@@ -21,8 +21,6 @@ task already there and runs again a task cut off half-written: each appears exac
 from __future__ import annotations
 
 import asyncio
-import copy
-import dataclasses
 import json
 import logging
 import os
@@ -38,29 +36,6 @@ from protos.records import Group, Trajectory
 log = logging.getLogger(__name__)
 
 Play = Callable[[Task, str, Optional[Task]], Awaitable[Group]]  # (task, group id, task to prefetch) -> group
-
-
-def eval_config(cfg: Any, *, samples: Optional[int] = None, temperature: Optional[float] = None,
-                no_tools: bool = False, frames: Optional[int] = None) -> Any:
-    """The run config as evaluation plays it: K episodes a task at eval.temperature; for the no-tools
-    baseline, no tools, one turn and `frames` uniform frames at the tools' frame size."""
-    cfg = copy.deepcopy(cfg)
-    if samples is not None:
-        cfg.eval.samples = samples
-    if temperature is not None:
-        cfg.eval.temperature = temperature
-    cfg.rollout = dataclasses.replace(cfg.rollout, group_size=cfg.eval.samples, temperature=cfg.eval.temperature)
-    if no_tools:
-        cfg.env = dataclasses.replace(cfg.env, tools=[], max_turns=1, overview_choices=[], overview_fps=None,
-                                      overview_frames=frames or cfg.env.overview_frames,
-                                      overview_size=list(cfg.env.zoom_size))
-        cfg.rollout = dataclasses.replace(cfg.rollout, system_prompt=cfg.eval.no_tools_prompt)
-    else:
-        if frames:
-            cfg.env = dataclasses.replace(cfg.env, overview_frames=frames, overview_choices=[], overview_fps=None)
-        if cfg.eval.max_turns:
-            cfg.env = dataclasses.replace(cfg.env, max_turns=cfg.eval.max_turns)
-    return cfg
 
 
 class ResultsFile:
@@ -186,7 +161,7 @@ class RayPlayers:
 
 
 def run_eval(cfg: Any, tasks: list[Task], out_dir: str | Path, **kwargs: Any) -> dict[str, Any]:
-    """Evaluate `tasks` (cfg as `eval_config` made it) into `out_dir`; returns the summary (see `evaluate`)."""
+    """Evaluate `tasks` (cfg as `configs.eval_config` made it) into `out_dir`; returns the summary (see `evaluate`)."""
     return asyncio.run(evaluate(cfg, tasks, out_dir, **kwargs))
 
 

@@ -29,7 +29,8 @@ sys.path.insert(0, str(ROOT))
 
 
 async def bench(model: Path, data: Path, samples: int, rounds: int, work: Path) -> dict:
-    from actors.evaluator import eval_config, evaluate, local_core
+    from actors.evaluator import evaluate, local_core
+    from configs import eval_config
     from actors.rollout_worker import QueueSink
     from configs import load_config
     from env import load_tasks

@@ -1,14 +1,16 @@
 """Load a config: dataclass schema -> OmegaConf.structured -> YAML + key=value -> dataclass.
 
 Unknown keys are an error that names the key (OmegaConf's struct mode), bounds
-in field metadata are checked, and what comes back is a plain dataclass.
+in field metadata are checked, and what comes back is a plain dataclass. `eval_config`
+derives the config evaluation plays from a run's config.
 """
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 from pathlib import Path
-from typing import Any, Sequence, TypeVar
+from typing import Any, Optional, Sequence, TypeVar
 
 T = TypeVar("T")
 
@@ -46,6 +48,29 @@ def load_config(path: str | Path | None = None, overrides: Sequence[str] = (), s
         raise ConfigError(f"config key '{key}'{where}: {e.msg if hasattr(e, 'msg') else e}") from None
     check_bounds(obj)
     return obj
+
+
+def eval_config(cfg: Any, *, samples: Optional[int] = None, temperature: Optional[float] = None,
+                no_tools: bool = False, frames: Optional[int] = None) -> Any:
+    """The run config as evaluation plays it: K episodes a task at eval.temperature; for the no-tools
+    baseline, no tools, one turn and `frames` uniform frames at the tools' frame size."""
+    cfg = copy.deepcopy(cfg)
+    if samples is not None:
+        cfg.eval.samples = samples
+    if temperature is not None:
+        cfg.eval.temperature = temperature
+    cfg.rollout = dataclasses.replace(cfg.rollout, group_size=cfg.eval.samples, temperature=cfg.eval.temperature)
+    if no_tools:
+        cfg.env = dataclasses.replace(cfg.env, tools=[], max_turns=1, overview_choices=[], overview_fps=None,
+                                      overview_frames=frames or cfg.env.overview_frames,
+                                      overview_size=list(cfg.env.zoom_size))
+        cfg.rollout = dataclasses.replace(cfg.rollout, system_prompt=cfg.eval.no_tools_prompt)
+    else:
+        if frames:
+            cfg.env = dataclasses.replace(cfg.env, overview_frames=frames, overview_choices=[], overview_fps=None)
+        if cfg.eval.max_turns:
+            cfg.env = dataclasses.replace(cfg.env, max_turns=cfg.eval.max_turns)
+    return cfg
 
 
 def check_bounds(obj: Any, prefix: str = "") -> None:

@@ -183,7 +183,3 @@ def locate_flash(image: np.ndarray, min_frac: float = 0.01) -> Optional[tuple[fl
     colour = read_colour(image, min_frac)
     return locate_marker(image, colour) if colour else None
 
-
-def flash_perception() -> tuple[Any, Any]:
-    """(locate, read) in env.testing's form for flash tasks."""
-    return (lambda image, task: locate_flash(image)), (lambda image, task: read_colour(image))

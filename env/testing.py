@@ -104,12 +104,15 @@ class OraclePolicy:
             return f"<answer>{_guess(task, self.rng)}</answer>"
         if self.read is None:
             return answer_text(task, task.answer)
-        for fr in obs.frames:
-            value = self.read(fr.image, task)
-            if value is not None:
-                return answer_text(task, value)
-        return f"<answer>{_guess(task, self.rng)}</answer>"
+        return self._answer_read(obs)
 
+    def _answer_read(self, obs: Observation) -> str:
+        """The answer `read` reads in the observation's frames (the first it reads), else a guess."""
+        for fr in obs.frames if self.read is not None else ():
+            value = self.read(fr.image, self.task)
+            if value is not None:
+                return answer_text(self.task, value)
+        return f"<answer>{_guess(self.task, self.rng)}</answer>"
 
     def _search_then_zoom(self, obs: Observation) -> str:
         """What a model can do without the evidence: search with the question, zoom into the segment
@@ -119,11 +122,7 @@ class OraclePolicy:
         hit = _FIRST_HIT.search(obs.text) if self.turn == 2 else None
         if hit:
             return call("temporal_zoom", start=float(hit.group(1)), end=float(hit.group(2)), num_frames=self.zoom_frames)
-        for fr in obs.frames:
-            value = self.read(fr.image, self.task) if self.read is not None else None
-            if value is not None:
-                return answer_text(self.task, value)
-        return f"<answer>{_guess(self.task, self.rng)}</answer>"
+        return self._answer_read(obs)
 
 
 _FIRST_HIT = re.compile(r"^1\. (\d+(?:\.\d+)?)s-(\d+(?:\.\d+)?)s", re.MULTILINE)  # env.tools' search rows

@@ -338,7 +338,7 @@ def load_sft_data(data: str | Path, processor: Any, cfg: WeftConfig,
         train_tasks, eval_tasks = tasks[n_eval:], tasks[:n_eval]
         train = scripted(train_tasks, processor, cfg, cfg.trainer.sft_episodes, seed=cfg.seed)
         if cfg.trainer.sft_no_tools_episodes:
-            from actors.evaluator import eval_config
+            from configs import eval_config
 
             baseline = eval_config(cfg, no_tools=True, frames=cfg.env.overview_frames + cfg.env.max_frames)
             train += scripted(train_tasks, processor, baseline, cfg.trainer.sft_no_tools_episodes, seed=cfg.seed + 1)

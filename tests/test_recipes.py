@@ -269,7 +269,7 @@ def test_eval_max_turns_gives_validation_its_own_turn_limit(demo_tasks):
         await slot.close()
 
     _run(go())
-    from actors.evaluator import eval_config
+    from configs import eval_config
 
     assert eval_config(cfg).env.max_turns == 12
 

@@ -10,8 +10,8 @@ import re
 
 import pytest
 
-from env.demo import load_jsonl, render_frames
-from env.flash import (AVOID_COUNTS, OPTIONS, flash_sprites, make_flash_data, make_flash_task, read_colour,
+from env.demo import CAPTION_SECONDS, load_jsonl, render_frames
+from env.flash import (AVOID_COUNTS, OPTIONS, SHAPES, flash_sprites, make_flash_data, make_flash_task, read_colour,
                        shape_sprite)
 
 
@@ -58,8 +58,9 @@ def test_uniform_frames_never_show_a_flash_and_a_zoom_into_its_segment_does(flas
         frames = dec.frames(path, [min(info.num_frames - 1, int(x * info.fps)) for x in uniform], size=(112, 64))
         assert [read_colour(f) for f in frames] == [None] * len(uniform), t["id"]
         (s, _), = t["evidence"]
-        seg = 5.0 * int(s // 5.0)
-        zoom = dec.frames(path, [int((seg + 5.0 * (i + 0.5) / 4) * info.fps) for i in range(4)], size=(112, 64))
+        seg = CAPTION_SECONDS * int(s // CAPTION_SECONDS)
+        zoom = dec.frames(path, [int((seg + CAPTION_SECONDS * (i + 0.5) / 4) * info.fps) for i in range(4)],
+                          size=(112, 64))
         seen = {read_colour(f) for f in zoom} - {None}
         assert seen == {t["answer"]}, (t["id"], seen)
 
@@ -67,7 +68,7 @@ def test_uniform_frames_never_show_a_flash_and_a_zoom_into_its_segment_does(flas
 def test_read_colour_on_sprites_and_background():
     import numpy as np
 
-    for kind in ("circle", "square", "triangle", "diamond"):
+    for kind in SHAPES:
         for colour in OPTIONS:
             rgb, mask = shape_sprite(kind, 16, colour)
             frame = np.full((64, 112, 3), 120, np.uint8)
