@@ -84,6 +84,19 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     add_learner_args(p)
     p.set_defaults(func=_learner)
 
+    p = sub.add_parser("pretrain-vision", help="Teach a tiny random model to see (caption synthetic flash frames) "
+                       "before its cold start: it stands in for a pretrained VLM (learner/sft.py).")
+    p.add_argument("--model", required=True, help="The model directory to start from (a tiny random model).")
+    p.add_argument("--out", required=True, help="Where to save the pretrained model.")
+    p.add_argument("--config", default=None, help="YAML config file (env.zoom_size sets the frame size; seed).")
+    p.add_argument("--steps", type=int, default=300, help="Optimizer steps.")
+    p.add_argument("--examples", type=int, default=2000, help="Captioned examples to train on.")
+    p.add_argument("--held-out", type=int, default=64, help="Fresh examples the accuracy is measured on.")
+    p.add_argument("--lr", type=float, default=1e-3, help="Learning rate.")
+    p.add_argument("--batch-size", type=int, default=16, help="Examples per step.")
+    p.add_argument("overrides", nargs="*", help="key=value config overrides, e.g. seed=1")
+    p.set_defaults(func=_pretrain_vision)
+
     p = sub.add_parser("sft", help="Cold-start SFT on scripted-policy (oracle) trajectories: teaches the action format.")
     add_sft_args(p)
     p.set_defaults(func=_sft)
@@ -264,6 +277,12 @@ def _plan(args: argparse.Namespace) -> int:
     from learner.plan import main_plan
 
     return main_plan(args)
+
+
+def _pretrain_vision(args: argparse.Namespace) -> int:
+    from learner.sft import main_pretrain_vision
+
+    return main_pretrain_vision(args)
 
 
 def _sft(args: argparse.Namespace) -> int:

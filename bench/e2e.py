@@ -35,15 +35,18 @@ sys.path.insert(0, str(ROOT))
 
 
 def prepare(work: Path) -> tuple[Path, Path]:
-    """Demo data, the tiny model and its demo SFT (on the cold-start set), as scripts/demo.sh makes them."""
+    """Demo data, the tiny model, its perception pretraining and its demo SFT (on the cold-start set), as
+    scripts/demo.sh makes them."""
     from env.flash import DEMO_COLDSTART, DEMO_RL, make_flash_data
 
-    data, cold, tiny, sft = work / "data", work / "coldstart", work / "tiny", work / "sft"
+    data, cold, tiny, see, sft = work / "data", work / "coldstart", work / "tiny", work / "see", work / "sft"
     make_flash_data(data, **DEMO_RL)
     make_flash_data(cold, **DEMO_COLDSTART)
     weft = [sys.executable, "-m", "weft_cli"]
     subprocess.run([*weft, "make-tiny-model", "--out", str(tiny)], cwd=ROOT, check=True, capture_output=True)
-    subprocess.run([*weft, "sft", "--model", str(tiny), "--data", str(cold), "--config", "configs/demo.yaml",
+    subprocess.run([*weft, "pretrain-vision", "--model", str(tiny), "--out", str(see), "--config", "configs/demo.yaml",
+                    "trainer.tensorboard=false"], cwd=ROOT, check=True, capture_output=True)
+    subprocess.run([*weft, "sft", "--model", str(see), "--data", str(cold), "--config", "configs/demo.yaml",
                     "--out", str(sft), "trainer.sft_eval_turns=0", "trainer.tensorboard=false"], cwd=ROOT, check=True,
                    capture_output=True)
     return data, sft

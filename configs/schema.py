@@ -189,6 +189,8 @@ class TrainerConfig:
     sft_batch_size: int = f(4, "Trajectories per SFT step.", min=1)
     sft_episodes: int = f(32, "Scripted-policy episodes rendered into the SFT data (cycling over the tasks).", min=1)
     sft_no_tools_episodes: int = f(0, "Extra SFT episodes played as the no-tools baseline plays (`weft eval --no-tools`: no tools, one turn, env.overview_frames + env.max_frames uniform frames, eval.no_tools_prompt), so that baseline is in a format the model knows. The oracle answers what it sees in those frames, else guesses.", min=0)
+    sft_answer_first_episodes: int = f(0, "Extra SFT episodes, tools offered, that answer in the first turn without calling one. Only the turn's opening up to `<answer>` is trained, never the answer itself: they teach that answering at once is an option and nothing about what to answer without evidence. The cold start then looks only some of the time, and RL is left to learn when looking pays (configs/demo.yaml).", min=0)
+    sft_freeze_vision: bool = f(False, "Keep the vision tower and merger fixed in the cold-start SFT, as LLaVA's and Qwen2-VL's instruction-tuning stages do: only the language model learns the format. The demo's tiny model learnt to see in `weft pretrain-vision`; trained with the rest on 64 episodes the tower lost it (configs/demo.yaml).")
     sft_zoom_frames: int = f(4, "Frames the oracle policy asks temporal_zoom for in SFT episodes (fewer = shorter trajectories).", min=1, max=256)
     sft_eval_turns: int = f(16, "Held-out model turns on which `weft sft` measures the valid-action rate before and after; 0 skips it.", min=0)
 

@@ -20,6 +20,9 @@ Why only the tools answer it, at the demo's own resolution and budgets:
 So the policy to learn is search -> zoom into the segment the search returns -> answer. The scripted
 oracle plays exactly that (metadata "oracle_plan": "search_then_zoom", env.testing.OraclePolicy),
 reading the colour with `read_colour`. Deterministic for a seed, as the digit family.
+
+`caption_frames` makes the examples `weft pretrain-vision` teaches a tiny random model to see with:
+frames of fresh backgrounds, with or without one flashed shape, and their caption; no task video.
 """
 
 from __future__ import annotations
@@ -159,6 +162,35 @@ def make_flash_data(out_dir: str | Path, videos: int = 8, seconds: float = 30.0,
         return task, flash_sprites(flashes), pixel_seed
 
     return write_task_set(out_dir, f"flash_{seed}", videos, seconds, fps, size, gop, make)
+
+
+# ------------------------------------------------------------------ captioned frames (perception pretraining)
+
+NOTHING = "nothing flashes up"
+
+
+def caption_frames(rng: np.random.Generator, out_size: tuple[int, int] = (112, 64),
+                   size: tuple[int, int] = (320, 180), flash_prob: float = 0.85) -> tuple[list[np.ndarray], str]:
+    """One captioned example for `weft pretrain-vision`: 1-4 frames of a fresh background (env.demo's texture
+    and muted shapes, a new seed each time), one of which shows a saturated shape of a random kind, colour,
+    size and place with probability `flash_prob`; caption "a <colour> <shape> flashes up", else NOTHING.
+    Rendered at `size` and scaled to `out_size` as the tools scale frames. No task video is used, so a model
+    pretrained on these has seen no demo set, held-out or other."""
+    from PIL import Image
+
+    from env.demo import render_frames
+
+    w, h = size
+    k = int(rng.integers(1, 5))
+    sprites, caption = [], NOTHING
+    if rng.random() < flash_prob:
+        kind, colour, j = str(rng.choice(SHAPES)), str(rng.choice(OPTIONS)), int(rng.integers(k))
+        r = int(rng.integers(int(0.25 * h), int(0.42 * h)))
+        x, y = int(rng.integers(r + 2, w - r - 2)), int(rng.integers(r + 2, h - r - 2))
+        sprites = [(j, j, x - r, y - r, *shape_sprite(kind, r, colour))]
+        caption = f"a {colour} {kind} flashes up"
+    frames = render_frames(int(rng.integers(2**31)), k, 2.0, size, sprites)  # 2 fps: the shapes move between frames
+    return [np.asarray(Image.fromarray(f).resize(out_size, Image.BILINEAR)) for f in frames], caption
 
 
 # ------------------------------------------------------------------ perception

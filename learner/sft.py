@@ -12,7 +12,11 @@ Owns
   each zoom turn does not see the earlier turns' zoomed clips;
 * `valid_action_rate`: how often the model's own continuation of a held-out
   turn parses as a clean action (`env.parser.parse_action` with no errors);
-* `main_sft`: the `weft sft` command.
+* `decision_only` (answer-first episodes train the choice to answer, not the answer) and
+  `freeze_vision` (trainer.sft_freeze_vision: the language model learns, the vision tower stays);
+* `main_sft`: the `weft sft` command;
+* `caption_sample`, `caption_opening_accuracy`, `main_pretrain_vision`: the `weft pretrain-vision`
+  command, which teaches a tiny random model to see (env.flash.caption_frames) before its cold start.
 """
 
 from __future__ import annotations
@@ -87,8 +91,9 @@ class SftModel:
         self.banned = torch.tensor(banned_token_ids(self.model.config, len(self.tokenizer)), dtype=torch.long,
                                    device=self.device)
         self.pad_id = pad_id_of(self.tokenizer, (self.image_token_id, self.video_token_id))
-        self.optimizer = torch.optim.AdamW(self.model.parameters(), lr=self.tc.sft_lr, betas=tuple(self.tc.betas),
-                                           eps=self.tc.eps, weight_decay=self.tc.weight_decay)
+        self.frozen = freeze_vision(self.model) if self.tc.sft_freeze_vision else 0
+        self.optimizer = torch.optim.AdamW([p for p in self.model.parameters() if p.requires_grad], lr=self.tc.sft_lr,
+                                           betas=tuple(self.tc.betas), eps=self.tc.eps, weight_decay=self.tc.weight_decay)
 
     def micro_batches(self, samples: Sequence[Sample]) -> list[MicroBatch]:
         return [self.collate([samples[i] for i in idx])
@@ -130,6 +135,19 @@ class SftModel:
         return {"sft/loss": nll, "sft/token_acc": correct / total, "sft/tokens": int(total),
                 "sft/decoupled_mask": float(decoupled),
                 "grad_norm": float(norm), "lr": self.tc.sft_lr, "time/step_s": time.perf_counter() - t0}
+
+
+def freeze_vision(model: Any) -> int:
+    """Keep the vision tower and its merger (the Qwen-VL families' `model.visual`) fixed: no gradient, and so
+    no optimizer state or update. Returns how many parameters it froze."""
+    visual = getattr(getattr(model, model.base_model_prefix, model), "visual", None)
+    if visual is None:
+        raise ValueError(f"trainer.sft_freeze_vision: {type(model).__name__} has no vision tower at model.visual")
+    n = 0
+    for p in visual.parameters():
+        p.requires_grad_(False)
+        n += p.numel()
+    return n
 
 
 @torch.no_grad()
@@ -318,13 +336,110 @@ def _images_of(t: Trajectory) -> list[np.ndarray]:
     return checked_images(t, decode_refs(t.media, get_decoder()))
 
 
+# ------------------------------------------------------------------ perception pretraining (`weft pretrain-vision`)
+
+CAPTION_PROMPT = "What flashes up?"
+
+
+def caption_sample(images: Sequence[np.ndarray], caption: str, processor: Any, image_token_id: Optional[int],
+                   prompt: str = CAPTION_PROMPT, end_of_turn: str = "<|im_end|>") -> Sample:
+    """A one-turn sample through the chat template: the user shows `images` and asks `prompt`; the model
+    turn, the only tokens trained, is `caption`."""
+    from models.hf import expand_image_placeholders
+
+    tok = processor.tokenizer
+    content = [{"type": "image"} for _ in images] + [{"type": "text", "text": prompt}]
+    text = tok.apply_chat_template([{"role": "user", "content": content}], tokenize=False, add_generation_prompt=True)
+    prompt_ids = expand_image_placeholders(tok.encode(text, add_special_tokens=False), list(images), processor)
+    ids = np.asarray(prompt_ids + tok.encode(caption + end_of_turn, add_special_tokens=False), np.int64)
+    mask = np.arange(len(ids)) >= len(prompt_ids)
+    pv, grid = process_images(list(images), ids, processor, image_token_id)
+    return Sample(ids, mask, np.zeros(len(ids), np.float32), 0.0, "", pv, grid, list(images))
+
+
+@torch.no_grad()
+def caption_opening_accuracy(sm: SftModel, samples: Sequence[Sample], opening: int = 2) -> float:
+    """Fraction of samples whose caption's first `opening` tokens are each the model's argmax, teacher-forced:
+    for "a <colour> <shape> flashes up" that is "a <colour>", whether the model saw the colour."""
+    was_training = sm.model.training
+    sm.model.eval()
+    hits = 0
+    try:
+        for s in samples:
+            mb = sm.collate([s])
+            h = hidden_states(sm.model, mb.inputs)[:, :-1][mb.mask][:opening]
+            z = (h @ lm_head_weight(sm.model).t().to(h.dtype)).float()
+            if sm.banned.numel():
+                z.index_fill_(1, sm.banned, -math.inf)
+            hits += bool((z.argmax(-1) == mb.targets[mb.mask][:opening]).all())
+    finally:
+        sm.model.train(was_training)
+    return hits / max(1, len(samples))
+
+
+def main_pretrain_vision(args: argparse.Namespace) -> int:
+    """`weft pretrain-vision`: teach a tiny random model to see before its cold start.
+
+    A random tiny model stands in for a pretrained VLM, and a pretrained VLM names a red triangle on sight;
+    a random one does not, and learning colours from 64 cold-start episodes is where the demo's tiny models
+    failed (their answers on held-out videos read the colour at 0.25-0.75 teacher-forced). So it first
+    learns to caption synthetic frames (env.flash.caption_frames: the demo's backgrounds, no task video)
+    with the SFT loss. Prints a JSON summary last, with the caption-opening accuracy on fresh examples."""
+    from configs import load_config
+    from env.flash import caption_frames
+
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
+    # The vision tower is what this trains: never frozen here, whatever the config says for the cold start.
+    cfg = load_config(args.config, [*args.overrides, f"trainer.sft_lr={args.lr}", f"trainer.sft_batch_size={args.batch_size}",
+                                    "trainer.sft_freeze_vision=false"])
+    torch.manual_seed(cfg.seed)
+    sm = SftModel(cfg, args.model)
+    size = tuple(cfg.env.zoom_size)
+
+    def make(n: int, seed: int) -> list[Sample]:
+        rng = np.random.default_rng([seed, 5])
+        return [caption_sample(*caption_frames(rng, size), sm.processor, sm.image_token_id) for _ in range(n)]
+
+    t0 = time.perf_counter()
+    train, held = make(args.examples, cfg.seed), make(args.held_out, cfg.seed + 10**6)
+    made = time.perf_counter() - t0
+    before = caption_opening_accuracy(sm, held)
+    out = Path(args.out)
+    logger = MetricsLogger(out / "pretrain_logs", tensorboard=cfg.trainer.tensorboard)
+    history = run_sft(sm, train, args.steps, seed=cfg.seed, logger=logger)
+    logger.close()
+    after = caption_opening_accuracy(sm, held)
+    sm.model.save_pretrained(out)
+    sm.processor.save_pretrained(out)
+    print(json.dumps({"out": str(out), "steps": args.steps, "examples": len(train), "data_seconds": round(made, 1),
+                      "seconds": round(time.perf_counter() - t0, 1), "loss_first": history[0]["sft/loss"],
+                      "loss_last": history[-1]["sft/loss"], "held_out": len(held),
+                      "caption_opening_accuracy_before": before, "caption_opening_accuracy_after": after}))
+    return 0
+
+
 # ------------------------------------------------------------------ `weft sft`
+
+
+def decision_only(t: Trajectory, tokenizer: Any, marker: str = "<answer>") -> Trajectory:
+    """The trajectory with loss only on its generated tokens up to the end of `marker`: an answer-first
+    episode then teaches the choice to answer now rather than call a tool, and not the answer, which it
+    gave without evidence. A trajectory whose generated text never reaches `marker` trains nothing."""
+    import dataclasses
+
+    gen = np.flatnonzero(t.loss_mask)
+    keep = np.zeros_like(t.loss_mask)
+    for k in range(1, len(gen) + 1):
+        if marker in tokenizer.decode(t.token_ids[gen[:k]].tolist()):
+            keep[gen[:k]] = 1
+            break
+    return dataclasses.replace(t, loss_mask=keep)
 
 
 def load_sft_data(data: str | Path, processor: Any, cfg: WeftConfig,
                   scripted: Optional[Callable[..., list[Trajectory]]] = None) -> tuple[list[Trajectory], list[Trajectory]]:
     """(train, held-out) trajectories: scripted episodes of a task file (`scripted(tasks, processor, cfg,
-    episodes, seed=...)` plays them), or a trajectory file split 7:1."""
+    episodes, seed=..., make_policy=...)` plays them, as actors.scripted_engine.scripted_trajectories does), or a trajectory file split 7:1."""
     path = Path(data)
     task_file = path / "tasks.jsonl" if path.is_dir() else path
     if task_file.suffix == ".jsonl":
@@ -342,6 +457,12 @@ def load_sft_data(data: str | Path, processor: Any, cfg: WeftConfig,
 
             baseline = eval_config(cfg, no_tools=True, frames=cfg.env.overview_frames + cfg.env.max_frames)
             train += scripted(train_tasks, processor, baseline, cfg.trainer.sft_no_tools_episodes, seed=cfg.seed + 1)
+        if cfg.trainer.sft_answer_first_episodes:
+            from env.testing import BlindPolicy
+
+            first = scripted(train_tasks, processor, cfg, cfg.trainer.sft_answer_first_episodes, seed=cfg.seed + 2,
+                             make_policy=lambda i: BlindPolicy(seed=cfg.seed + 2 + i))
+            train += [decision_only(t, processor.tokenizer) for t in first]
         held = scripted(eval_tasks, processor, cfg, len(eval_tasks), seed=cfg.seed + 10**6) if eval_tasks else []
         return train, held
     from protos.codec import read_trajectories
@@ -377,7 +498,8 @@ def main_sft(args: argparse.Namespace, scripted: Optional[Callable[..., list[Tra
         if before is not None else None
     sm.model.save_pretrained(out)
     sm.processor.save_pretrained(out)
-    summary = {"out": str(out), "steps": steps, "samples": len(samples), "seconds": round(time.perf_counter() - t0, 1),
+    summary = {"out": str(out), "steps": steps, "samples": len(samples), "frozen_parameters": sm.frozen,
+               "seconds": round(time.perf_counter() - t0, 1),
                "loss_first": history[0]["sft/loss"], "loss_last": history[-1]["sft/loss"],
                "token_acc_last": history[-1]["sft/token_acc"],
                "valid_action_rate_before": None if before is None else before["rate"],

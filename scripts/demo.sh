@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # The main job on a fresh machine: install, then a real (short) training run end to end, and a
 # held-out evaluation that shows whether RL taught the model to use the tools:
-# flash task data (env/flash.py) -> tiny model -> cold-start SFT on scripted episodes -> GRPO on Ray
+# flash task data (env/flash.py) -> tiny model -> perception pretraining (it learns to see colours, as the
+# pretrained VLM it stands in for already can) -> cold-start SFT on scripted episodes -> GRPO on Ray
 # (2 rollout workers, 1 env actor, the learner) -> `weft eval` of the SFT and the RL model on held-out
 # videos, with tools and without (same frame budget), beside the oracle and blind policies.
 # SEED=1 bash scripts/demo.sh is the second run of the README's table (another tiny model and sampling).
@@ -23,7 +24,8 @@ t0=$(date +%s)
 [ -f "$DATA/heldout/tasks.jsonl" ] || $WEFT make-demo-data --out "$DATA/heldout" --videos 16 --seconds 30 --seed 21
 $WEFT check-env --data "$DATA" --policy oracle --episodes 8 --check --config $CFG | tail -c 300; echo
 [ -f "$TINY/config.json" ] || $WEFT make-tiny-model --out "$TINY" --seed "$SEED" --family "$FAMILY"
-[ -f "$TINY-sft/config.json" ] || $WEFT sft --model "$TINY" --data "$DATA/coldstart" --config $CFG --out "$TINY-sft" seed="$SEED"
+[ -f "$TINY-see/config.json" ] || $WEFT pretrain-vision --model "$TINY" --out "$TINY-see" --config $CFG seed="$SEED" | tail -1
+[ -f "$TINY-sft/config.json" ] || $WEFT sft --model "$TINY-see" --data "$DATA/coldstart" --config $CFG --out "$TINY-sft" seed="$SEED"
 $WEFT train --config $CFG --model "$TINY-sft" --run-dir "$RUN" data.path="$DATA/tasks.jsonl" \
   data.val_path="$DATA/heldout/tasks.jsonl" seed="$SEED" "$@"
 $WEFT view "$RUN" --out "$RUN/view.html"

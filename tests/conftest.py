@@ -113,9 +113,26 @@ def _coldstart_sft(base, tmp_path_factory, name: str):
                     str(root / "coldstart"), "--config", "configs/demo.yaml", "--out", str(out),
                     "trainer.sft_eval_turns=0", "trainer.tensorboard=false", "trainer.sft_steps=60",
                     "trainer.sft_batch_size=2", "trainer.sft_episodes=16", "trainer.sft_no_tools_episodes=0",
-                    "trainer.sft_zoom_frames=2", "env.tools=[temporal_zoom,spatial_zoom,temporal_search,get_frame]"],
+                    "trainer.sft_zoom_frames=2", "env.tools=[temporal_zoom,spatial_zoom,temporal_search,get_frame]",
+                    # Pinned: configs/demo.yaml's cold start is the flash demo's (after pretrain-vision).
+                    "trainer.sft_lr=1e-3", "trainer.sft_answer_first_episodes=0", "trainer.sft_freeze_vision=false"],
                    cwd=ROOT, check=True, capture_output=True, timeout=900)
     return out
+
+
+@pytest.fixture(scope="session")
+def seeing_model(tiny_model_dir, tmp_path_factory):
+    """(model dir, summary): the session's tiny model after `weft pretrain-vision` at the demo's frame size,
+    shortened (150 steps of 16 on 1200 captioned frames; the demo runs 300 on 2000)."""
+    import json
+    import subprocess
+    import sys
+
+    out = tmp_path_factory.mktemp("seeing") / "model"
+    run = subprocess.run([sys.executable, "-m", "weft_cli", "pretrain-vision", "--model", str(tiny_model_dir), "--out",
+                          str(out), "--config", "configs/demo.yaml", "--steps", "150", "--examples", "1200",
+                          "trainer.tensorboard=false"], cwd=ROOT, check=True, capture_output=True, text=True, timeout=900)
+    return out, json.loads(run.stdout.strip().splitlines()[-1])
 
 
 @pytest.fixture(scope="session")

@@ -91,3 +91,30 @@ def test_oracle_solves_it_and_the_blind_policy_is_at_chance(flash):
     blind = run_episodes(tasks, BlindPolicy(locate, read, seed=0), 8, env=LocalEnv(cfg.env, cfg.reward))
     assert oracle["accuracy"] >= 0.95 and oracle["mean_tool_calls"] == 2.0, oracle
     assert blind["accuracy"] <= 0.25 + 0.15, blind
+
+
+def test_caption_frames_say_what_the_pixels_show():
+    """The perception-pretraining examples (`weft pretrain-vision`): the caption's colour is the colour
+    read_colour finds in exactly one of the frames; a "nothing" caption has no flash in any frame; the
+    frames come at the requested size; the same seed gives the same examples."""
+    import numpy as np
+
+    from env.flash import NOTHING, caption_frames
+
+    rng = np.random.default_rng(3)
+    seen = collections.Counter()
+    for _ in range(40):
+        frames, caption = caption_frames(rng, (112, 64))
+        assert 1 <= len(frames) <= 4 and all(f.shape == (64, 112, 3) and f.dtype == np.uint8 for f in frames)
+        reads = [read_colour(f) for f in frames]
+        if caption == NOTHING:
+            assert reads == [None] * len(frames), reads
+            seen["nothing"] += 1
+            continue
+        _, colour, kind, *_ = caption.split()
+        assert colour in OPTIONS and kind in SHAPES and caption == f"a {colour} {kind} flashes up"
+        assert sorted(r for r in reads if r) == [colour], (caption, reads)
+        seen[colour] += 1
+    assert seen["nothing"] >= 1 and all(seen[c] >= 2 for c in OPTIONS), seen
+    a, b = caption_frames(np.random.default_rng(9)), caption_frames(np.random.default_rng(9))
+    assert a[1] == b[1] and all(np.array_equal(x, y) for x, y in zip(a[0], b[0]))
