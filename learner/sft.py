@@ -368,10 +368,8 @@ def caption_opening_accuracy(sm: SftModel, samples: Sequence[Sample], opening: i
         for s in samples:
             mb = sm.collate([s])
             h = hidden_states(sm.model, mb.inputs)[:, :-1][mb.mask][:opening]
-            z = (h @ lm_head_weight(sm.model).t().to(h.dtype)).float()
-            if sm.banned.numel():
-                z.index_fill_(1, sm.banned, -math.inf)
-            hits += bool((z.argmax(-1) == mb.targets[mb.mask][:opening]).all())
+            tgt = mb.targets[mb.mask][:opening]
+            hits += _argmax_hits(h, lm_head_weight(sm.model).to(h.dtype), tgt, sm.banned, sm.tc.chunk_size) == len(tgt)
     finally:
         sm.model.train(was_training)
     return hits / max(1, len(samples))
