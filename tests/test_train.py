@@ -141,21 +141,28 @@ def check_accounting(summary: dict) -> None:
     assert g["rejected"] == 0 and g["given_up"] == 0
 
 
-def test_killed_rollout_worker_and_env_actor_run_finishes_with_every_group_accounted_for(demo_sft, tmp_path):
-    """SIGKILL one rollout worker mid-run (and the env actor): Ray restarts them, the driver re-runs
-    their unfinished groups under the same ids, and the run reaches total_steps."""
+def test_killed_worker_env_actor_and_learner_rank_the_run_goes_on_and_loses_no_group(demo_sft, tmp_path):
+    """One run, three SIGKILLs (one run rather than two: each costs a Ray cluster, two engines and a
+    sharded learner on the 2 cores). learner.world_size=2 (FSDP2 over gloo).
+    * After step 1: one rollout worker mid-group, and the env actor. Ray restarts both in new processes;
+      the driver re-runs their unfinished groups under the same ids.
+    * Then, past the step-2 checkpoint: one learner rank. The driver restarts the learner group from its
+      newest checkpoint; the groups the lost learner had accepted after it run again.
+    The run reaches total_steps with every group accounted for, and none trained twice."""
     data, model = demo_sft
     run_dir = tmp_path / "run"
-    proc, log, _ = start_train(run_dir, data, model, "trainer.total_steps=7", "trainer.checkpoint_every=0",
-                               "trainer.sample_every=3", "rollout.max_tokens_per_turn=48", "run.probe_every_s=1")
+    steps = 7
+    proc, log, _ = start_train(run_dir, data, model, "learner.world_size=2", f"trainer.total_steps={steps}",
+                               "trainer.checkpoint_every=2", "trainer.sample_every=3", "rollout.max_tokens_per_turn=48",
+                               "run.probe_every_s=1")
     try:
         deadline = time.monotonic() + 600
         while steps_logged(run_dir) < 1:
             assert proc.poll() is None, log.read_text(errors="replace")[-4000:]
             assert time.monotonic() < deadline, "no step within 600 s"
             time.sleep(1)
-        envs, workers = ray_pids("EnvActor"), ray_pids("RolloutWorker")
-        assert len(envs) == 1 and len(workers) == 2, (envs, workers)
+        envs, workers, ranks = ray_pids("EnvActor"), ray_pids("RolloutWorker"), ray_pids("LearnerActor")
+        assert len(envs) == 1 and len(workers) == 2 and len(ranks) == 2, (envs, workers, ranks)
         os.kill(busy_worker(workers, deadline), signal.SIGKILL)  # its group in flight is lost
         busy_worker([w for w in workers if pid_alive(w)], deadline)  # the other one is mid-group
         os.kill(envs[0], signal.SIGKILL)  # ... and its episodes lose their env
@@ -164,12 +171,19 @@ def test_killed_rollout_worker_and_env_actor_run_finishes_with_every_group_accou
         while not (set(ray_pids("RolloutWorker")) - set(workers) and set(ray_pids("EnvActor")) - set(envs)):
             assert time.monotonic() < deadline and proc.poll() is None, "no restarted worker and env actor"
             time.sleep(0.5)
+        while steps_logged(run_dir) < 3:  # past the step-2 checkpoint
+            assert proc.poll() is None, log.read_text(errors="replace")[-4000:]
+            assert time.monotonic() < deadline, "no third step within 600 s"
+            time.sleep(1)
+        killed_at = steps_logged(run_dir)
+        assert killed_at < steps, f"the run reached step {killed_at} before the learner rank could be killed"
+        os.kill(ranks[-1], signal.SIGKILL)
         finish(proc, log, timeout=900)
     finally:
         if proc.poll() is None:
             proc.kill()
     summary = json.loads((run_dir / "summary.json").read_text())
-    assert summary["steps"] == 7 and summary["version"] == 7
+    assert summary["steps"] == steps, summary
     check_accounting(summary)
     g = summary["groups"]
     assert g["reruns"]["worker_lost"] + g["reruns"]["env_lost"] >= 1, g
@@ -178,10 +192,14 @@ def test_killed_rollout_worker_and_env_actor_run_finishes_with_every_group_accou
     # after weight loads (actors.vllm_ext.register) is fixed, and no restart is allowed for it.
     crashes = log.read_text(errors="replace").count("EngineCore encountered a fatal error")
     assert crashes == 0 and g["env_restarts"] == 1 and g["worker_restarts"] <= 1, (g, crashes)
+    assert g["learner_restarts"] == 1, g
     rows = [json.loads(x) for x in (run_dir / "metrics.jsonl").read_text().splitlines()]
     for key in ("step", "version", "reward_mean", "accuracy", "staleness_mean", "tokens_per_s"):
         assert all(key in r for r in rows), key
-    assert (run_dir / "config.yaml").is_file() and (run_dir / "checkpoints").is_dir()
+    # The restarted learner went on to the last step and published above every version its predecessor had.
+    assert [r["step"] for r in rows if not r.get("skipped")][-3:] == [steps - 2, steps - 1, steps], rows
+    assert summary["version"] > steps and all(r["learner/world_size"] == 2 for r in rows if not r.get("skipped"))
+    assert (run_dir / "config.yaml").is_file() and (run_dir / "model" / "config.json").is_file()  # the final HF export
     assert sorted(p.name for p in (run_dir / "trajectories").iterdir()) == ["step_000003.msgpack", "step_000006.msgpack"]
 
 
@@ -212,40 +230,6 @@ def test_shortened_demo_learns(demo_sft, tmp_path):
     # ... without giving up the action format the SFT taught (0.2 is its ceiling; a collapse, as seen
     # once from a weaker SFT, took it below 0).
     assert learned["reward/format"]["last_mean"] > 0.1, learned
-
-
-def test_killed_learner_rank_the_group_resumes_from_its_checkpoint_and_loses_no_group(demo_sft, tmp_path):
-    """learner.world_size=2 (FSDP2 over gloo): SIGKILL one learner rank after the step-2 checkpoint. The
-    driver restarts the learner group from it; groups the lost learner had accepted after the checkpoint
-    run again, and the run reaches total_steps with every group accounted for."""
-    data, model = demo_sft
-    run_dir = tmp_path / "run"
-    proc, log, _ = start_train(run_dir, data, model, "learner.world_size=2", "trainer.total_steps=5",
-                               "trainer.checkpoint_every=2", "trainer.sample_every=0", "rollout.max_tokens_per_turn=48",
-                               "run.probe_every_s=1")
-    try:
-        deadline = time.monotonic() + 600
-        while steps_logged(run_dir) < 3:
-            assert proc.poll() is None, log.read_text(errors="replace")[-4000:]
-            assert time.monotonic() < deadline, "no third step within 600 s"
-            time.sleep(1)
-        ranks = ray_pids("LearnerActor")
-        assert len(ranks) == 2, ranks
-        os.kill(ranks[-1], signal.SIGKILL)
-        finish(proc, log, timeout=900)
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-    summary = json.loads((run_dir / "summary.json").read_text())
-    assert summary["steps"] == 5, summary
-    g = summary["groups"]
-    assert g["learner_restarts"] == 1, g
-    check_accounting(summary)
-    # The restarted learner continued above every version its predecessor had published.
-    rows = [json.loads(x) for x in (run_dir / "metrics.jsonl").read_text().splitlines()]
-    assert [r["step"] for r in rows if r["step"] > 2][-3:] == [3, 4, 5]
-    assert summary["version"] > 5 and all(r["learner/world_size"] == 2 for r in rows if not r.get("skipped"))
-    assert (run_dir / "model" / "config.json").is_file()  # the final HF export
 
 
 PLUGIN = '''
