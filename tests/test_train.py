@@ -9,6 +9,7 @@ trajectories/.
 from __future__ import annotations
 
 import json
+import math
 import os
 import signal
 import subprocess
@@ -204,10 +205,11 @@ def test_killed_worker_env_actor_and_learner_rank_the_run_goes_on_and_loses_no_g
 
 
 def test_shortened_demo_learns(demo_sft, tmp_path):
-    """The demo's GRPO phase, shortened: the mean reward rises from the first to the last steps."""
+    """GRPO on Ray from the tests' cold start, 12 steps: accuracy and reward rise from the first steps to
+    the last, with the tool term, and the action format holds."""
     data, model = demo_sft
     run_dir = tmp_path / "run"
-    # Twice the demo's learning rate: the demo spreads its rise over 30 steps, this run has 12.
+    # Twice the digit-family demo's learning rate: it spread its rise over 30 steps, this run has 12.
     proc, log, _ = start_train(run_dir, data, model, "trainer.total_steps=12", "trainer.checkpoint_every=0",
                                "trainer.sample_every=0", "trainer.lr=5e-5")
     try:
@@ -219,57 +221,30 @@ def test_shortened_demo_learns(demo_sft, tmp_path):
     check_accounting(summary)
     # The pacing keeps every group within max_staleness: none is dropped as stale, at put or at take.
     assert summary["groups"]["stale"] == 0 and summary["learner"]["stale_at_take"] == 0, summary
-    from learner.metrics import learning_summary, read_metrics
+    from learner.metrics import read_metrics
 
-    # First 4 vs last 4 of 12 steps. In the runs we watched the accuracy went 0.31 -> 0.88 within 9
-    # steps (reward 0.55 -> 1.25): the policy moves to the letter that pays on both tasks.
-    learned = learning_summary(read_metrics(run_dir), window=4)
-    reward, accuracy = learned["reward_mean"], learned["accuracy"]
-    assert reward["rise"] > 0.15 and reward["rise_se"] > 2.0, learned
-    assert accuracy["rise"] > 0.1 and learned["reward/tool"]["rise"] > 0.02, learned
+    # The first 2 steps (32 episodes of the SFT policy and one update on) against the last 4 (64). Not the
+    # first 4: the rise is often within them (reward 0.47 -> 1.16 by step 4 in one CI run, which a 4-vs-4
+    # comparison called 1.6 s.e.). In three runs: accuracy 0.28-0.41 -> 0.84-0.86 (4.5-6.4 s.e., binomial
+    # over episodes), reward +0.44 to +0.61, tool term +0.04 to +0.06: the policy moves to the letter that
+    # pays on both tasks.
+    rows = [r for r in read_metrics(run_dir) if "accuracy" in r]  # the trained steps (no step-0 row)
+    assert [r["step"] for r in rows] == list(range(1, 13)), [r["step"] for r in rows]
+    first, last = rows[:2], rows[-4:]
+
+    def mean(rs: list[dict], key: str) -> float:
+        return sum(r[key] * r["trajectories"] for r in rs) / sum(r["trajectories"] for r in rs)
+
+    n1, n2 = (sum(r["trajectories"] for r in rs) for rs in (first, last))
+    p1, p2 = mean(first, "accuracy"), mean(last, "accuracy")
+    se = math.sqrt(p1 * (1 - p1) / n1 + p2 * (1 - p2) / n2)
+    seen = {k: (mean(first, k), mean(last, k)) for k in ("accuracy", "reward_mean", "reward/tool", "reward/format")}
+    assert p2 - p1 > 0.25 and (p2 - p1) > 3 * se, (seen, se)
+    assert seen["reward_mean"][1] - seen["reward_mean"][0] > 0.25, seen
+    assert seen["reward/tool"][1] - seen["reward/tool"][0] > 0.02, seen
     # ... without giving up the action format the SFT taught (0.2 is its ceiling; a collapse, as seen
     # once from a weaker SFT, took it below 0).
-    assert learned["reward/format"]["last_mean"] > 0.1, learned
-
-
-PLUGIN = '''
-"""A user's tool and reward, outside weft's packages (written by tests/test_train.py)."""
-import os
-
-from env import Tool, ToolOutput
-from env.rewards import match_answer
-
-if os.environ.get("WEFT_PLUGIN_LOG"):  # the test reads which processes imported this module
-    with open(os.environ["WEFT_PLUGIN_LOG"], "a") as f, open("/proc/self/cmdline", "rb") as c:
-        f.write(c.read().replace(b"\\0", b" ").decode(errors="replace") + "\\n")
-
-
-def _run(video, args):
-    n = args["num_frames"]
-    times = [args["start"] + (args["end"] - args["start"]) * (i + 0.5) / n for i in range(n)]
-    frames, _ = video.get_frames(times, size=(112, 64))
-    return ToolOutput(f"[plugin zoom] {len(frames)} frame(s):", frames, (args["start"], args["end"]))
-
-
-def _check(args, duration):
-    if args["end"] > duration + 1.0:
-        return f"end is past the video ({duration:.1f} s)"
-    args["end"] = min(args["end"], duration)
-    return None if args["start"] < args["end"] else "end must be greater than start"
-
-
-ZOOM = Tool("temporal_zoom", "Frames sampled in [start, end] seconds (a plugin's own zoom).",
-            {"type": "object", "additionalProperties": False, "required": ["start", "end", "num_frames"],
-             "properties": {"start": {"type": "number", "minimum": 0}, "end": {"type": "number", "minimum": 0},
-                            "num_frames": {"type": "integer", "minimum": 1, "maximum": 4}}},
-            run=_run, check=_check, frame_cost=lambda a: a["num_frames"], label=lambda a: "plugin zoom")
-
-
-def reward(episode, task):
-    plugin = sum(c.ok and c.output.text.startswith("[plugin zoom]") for c in episode.tool_calls)
-    return {"right": float(match_answer(episode.answer, task.answer, task.options)), "plugin_zoom": float(plugin),
-            "clean": -0.5 * episode.format_errors}
-'''
+    assert seen["reward/format"][1] > 0.1, seen
 
 
 def test_a_users_tool_and_reward_run_in_check_env_and_in_train_on_ray(demo_sft, short_demo_dir, tmp_path):
