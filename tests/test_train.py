@@ -247,6 +247,46 @@ def test_shortened_demo_learns(demo_sft, tmp_path):
     assert seen["reward/format"][1] > 0.1, seen
 
 
+PLUGIN = '''
+"""A user's tool and reward, outside weft's packages (written by tests/test_train.py)."""
+import os
+
+from env import Tool, ToolOutput
+from env.rewards import match_answer
+
+if os.environ.get("WEFT_PLUGIN_LOG"):  # the test reads which processes imported this module
+    with open(os.environ["WEFT_PLUGIN_LOG"], "a") as f, open("/proc/self/cmdline", "rb") as c:
+        f.write(c.read().replace(b"\\0", b" ").decode(errors="replace") + "\\n")
+
+
+def _run(video, args):
+    n = args["num_frames"]
+    times = [args["start"] + (args["end"] - args["start"]) * (i + 0.5) / n for i in range(n)]
+    frames, _ = video.get_frames(times, size=(112, 64))
+    return ToolOutput(f"[plugin zoom] {len(frames)} frame(s):", frames, (args["start"], args["end"]))
+
+
+def _check(args, duration):
+    if args["end"] > duration + 1.0:
+        return f"end is past the video ({duration:.1f} s)"
+    args["end"] = min(args["end"], duration)
+    return None if args["start"] < args["end"] else "end must be greater than start"
+
+
+ZOOM = Tool("temporal_zoom", "Frames sampled in [start, end] seconds (a plugin's own zoom).",
+            {"type": "object", "additionalProperties": False, "required": ["start", "end", "num_frames"],
+             "properties": {"start": {"type": "number", "minimum": 0}, "end": {"type": "number", "minimum": 0},
+                            "num_frames": {"type": "integer", "minimum": 1, "maximum": 4}}},
+            run=_run, check=_check, frame_cost=lambda a: a["num_frames"], label=lambda a: "plugin zoom")
+
+
+def reward(episode, task):
+    plugin = sum(c.ok and c.output.text.startswith("[plugin zoom]") for c in episode.tool_calls)
+    return {"right": float(match_answer(episode.answer, task.answer, task.options)), "plugin_zoom": float(plugin),
+            "clean": -0.5 * episode.format_errors}
+'''
+
+
 def test_a_users_tool_and_reward_run_in_check_env_and_in_train_on_ray(demo_sft, short_demo_dir, tmp_path):
     """A tool and a reward function in a module of the user's (not weft's), named in the config: `weft
     check-env` audits and runs them, and `weft train` runs them inside the Ray env actor (the SFT model
