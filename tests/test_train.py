@@ -80,6 +80,14 @@ def steps_logged(run_dir: Path) -> int:
     return max((r["step"] for r in rows if not r.get("skipped")), default=0)
 
 
+def wait_for_step(run_dir: Path, step: int, proc: subprocess.Popen, log: Path, deadline: float) -> None:
+    """Until the run has logged `step` (failing if train.py exits or the deadline passes first)."""
+    while steps_logged(run_dir) < step:
+        assert proc.poll() is None, log.read_text(errors="replace")[-4000:]
+        assert time.monotonic() < deadline, f"no step {step} before the deadline"
+        time.sleep(1)
+
+
 def ray_pids(title: str) -> list[int]:
     """Pids of this machine's Ray worker processes whose title starts with `ray::<title>`."""
     out = subprocess.run(["ps", "-eo", "pid,args"], capture_output=True, text=True).stdout
@@ -158,10 +166,7 @@ def test_killed_worker_env_actor_and_learner_rank_the_run_goes_on_and_loses_no_g
                                "run.probe_every_s=1")
     try:
         deadline = time.monotonic() + 600
-        while steps_logged(run_dir) < 1:
-            assert proc.poll() is None, log.read_text(errors="replace")[-4000:]
-            assert time.monotonic() < deadline, "no step within 600 s"
-            time.sleep(1)
+        wait_for_step(run_dir, 1, proc, log, deadline)
         envs, workers, ranks = ray_pids("EnvActor"), ray_pids("RolloutWorker"), ray_pids("LearnerActor")
         assert len(envs) == 1 and len(workers) == 2 and len(ranks) == 2, (envs, workers, ranks)
         os.kill(busy_worker(workers, deadline), signal.SIGKILL)  # its group in flight is lost
@@ -172,10 +177,7 @@ def test_killed_worker_env_actor_and_learner_rank_the_run_goes_on_and_loses_no_g
         while not (set(ray_pids("RolloutWorker")) - set(workers) and set(ray_pids("EnvActor")) - set(envs)):
             assert time.monotonic() < deadline and proc.poll() is None, "no restarted worker and env actor"
             time.sleep(0.5)
-        while steps_logged(run_dir) < 3:  # past the step-2 checkpoint
-            assert proc.poll() is None, log.read_text(errors="replace")[-4000:]
-            assert time.monotonic() < deadline, "no third step within 600 s"
-            time.sleep(1)
+        wait_for_step(run_dir, 3, proc, log, deadline)  # past the step-2 checkpoint
         killed_at = steps_logged(run_dir)
         assert killed_at < steps, f"the run reached step {killed_at} before the learner rank could be killed"
         os.kill(ranks[-1], signal.SIGKILL)
@@ -200,7 +202,8 @@ def test_killed_worker_env_actor_and_learner_rank_the_run_goes_on_and_loses_no_g
     # The restarted learner went on to the last step and published above every version its predecessor had.
     assert [r["step"] for r in rows if not r.get("skipped")][-3:] == [steps - 2, steps - 1, steps], rows
     assert summary["version"] > steps and all(r["learner/world_size"] == 2 for r in rows if not r.get("skipped"))
-    assert (run_dir / "config.yaml").is_file() and (run_dir / "model" / "config.json").is_file()  # the final HF export
+    assert (run_dir / "config.yaml").is_file() and (run_dir / "checkpoints").is_dir()
+    assert (run_dir / "model" / "config.json").is_file()  # the final HF export
     assert sorted(p.name for p in (run_dir / "trajectories").iterdir()) == ["step_000003.msgpack", "step_000006.msgpack"]
 
 
