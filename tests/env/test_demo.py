@@ -1,13 +1,22 @@
 """env/demo.py: the generated data is real long-GOP H.264, deterministic for a seed, and its
 question provably needs the tools -- the digit reads from a native-resolution crop of the
-event, not from the 160x90 overview. Seeds are fresh each run and appear in failure messages.
+event, not from the 160x90 overview.
+
+The seed is fixed (SEED). The reading claims hold by rate, not for every seed, so a fresh seed each run
+failed CI now and then. Measured over seeds 1000-1039 (120 tasks, 3 event frames each):
+- native crops: 360 of 360 frames read;
+- 160x90 overview crops: 0 of 360;
+- overview crops enlarged to the crop size: 12 frames in 6 tasks, never 2 tasks of one seed.
+The rare tails, both seen in CI:
+- seed 464802: one task (a yellow 8) reads in none of its 3 native crops (8 scores 0.672 against
+  0 at 0.653, under read_digit's 0.05 margin);
+- seed 465446: two of its 3 tasks read from enlarged overview crops.
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
-import random
 
 import numpy as np
 import pytest
@@ -17,13 +26,13 @@ from env.video import FrameDecoder
 
 SECONDS, FPS, SIZE = 30, 10, (640, 360)
 OVERVIEW, ZOOM, CROP_BOX = (160, 90), (320, 180), (224, 224)
+SEED = 1000
 
 
 @pytest.fixture(scope="module")
 def demo(tmp_path_factory):
-    seed = random.randrange(10**6)
-    out = make_demo_data(tmp_path_factory.mktemp("demo"), videos=3, seconds=SECONDS, seed=seed)
-    return seed, out, load_jsonl(out)
+    out = make_demo_data(tmp_path_factory.mktemp("demo"), videos=3, seconds=SECONDS, seed=SEED)
+    return SEED, out, load_jsonl(out)
 
 
 @pytest.fixture(scope="module")
@@ -133,9 +142,8 @@ def test_answer_reads_from_a_native_crop_not_from_the_overview(demo, dec):
         native_ok += task_ok
     assert native_ok >= 0.8 * tries, f"seed {seed}: read {native_ok}/{tries} native crops"
     assert small_ok == 0, f"seed {seed}: read the digit at 160x90"
-    # An enlarged overview crop reads now and then, and by task (glyph and place), not by frame: over
-    # seeds 1000-1039, 6 of 120 tasks read in some frame (12 of 360 frames), never 2 tasks of one seed.
-    # A bar on frames (<= 1/4 of them) failed in CI on a seed whose one readable task read in all 3.
+    # An enlarged overview crop reads now and then, and by task (glyph and place), not by frame (module
+    # docstring). A bar on frames (<= 1/4 of them) failed in CI on a seed whose one readable task read in all 3.
     assert small_up_tasks <= 1, f"seed {seed}: {small_up_tasks} of 3 tasks read from enlarged 160x90 crops"
 
 
@@ -162,7 +170,7 @@ def test_locate_marker_finds_nothing_away_from_events(demo, dec):
 
 
 def test_read_digit_on_rendered_markers_and_junk():
-    rng = np.random.default_rng()
+    rng = np.random.default_rng(SEED)  # fixed, as the module's data is
     for digit in GLYPHS:
         colour = str(rng.choice(list(COLOURS)))
         rgb, mask = marker_sprite(6, colour, digit)
