@@ -1,6 +1,7 @@
 """The seed papers' recipes (configs/recipes/*.yaml, recipes/*.py): reward tables computed by hand, the
 recipe tools against real decoded video, the episode-shape knobs, the sub-agent protocol, and every
-recipe's env under `weft check-env --policy random`."""
+recipe's env under `weft check-env --policy random`. Each recipe, and a user's own tool and reward named
+in config, trains for real under train.py (Ray, vLLM), two runs at a time in one module fixture."""
 
 from __future__ import annotations
 
@@ -425,49 +426,137 @@ def paravt_sft(tiny_model_dir, short_demo_dir, tmp_path_factory):
     return out
 
 
-def _start(recipe: str, model: Path, data: Path, run_dir: Path) -> tuple[subprocess.Popen, Path]:
+def _start(name: str, cmd: list[str], run_dir: Path, env: dict | None = None) -> tuple[subprocess.Popen, Path]:
     import os
     import tempfile
 
-    log = run_dir.parent / f"{recipe}.log"
-    env = {**os.environ, "RAY_TMPDIR": tempfile.mkdtemp(prefix="wtr", dir="/tmp"), "RAY_DEDUP_LOGS": "0"}
-    cmd = [sys.executable, "train.py", "--config", f"configs/recipes/{recipe}.yaml", "--model", str(model),
-           "--run-dir", str(run_dir), f"data.path={data / 'tasks.jsonl'}", *SIZE, *SIZE_OF[recipe]]
+    log = run_dir.parent / f"{name}.log"
+    env = {**os.environ, **(env or {}), "RAY_TMPDIR": tempfile.mkdtemp(prefix="wtr", dir="/tmp"), "RAY_DEDUP_LOGS": "0"}
+    cmd = [sys.executable, "train.py", "--run-dir", str(run_dir), *cmd]
     return subprocess.Popen(cmd, cwd=ROOT, stdout=open(log, "wb"), stderr=subprocess.STDOUT, env=env), log
 
 
-def _results(recipe: str, proc: subprocess.Popen, log: Path, run_dir: Path) -> tuple[list[dict], list]:
+def _recipe_cmd(recipe: str, model: Path, data: Path) -> list[str]:
+    return ["--config", f"configs/recipes/{recipe}.yaml", "--model", str(model), f"data.path={data / 'tasks.jsonl'}",
+            *SIZE, *SIZE_OF[recipe]]
+
+
+def _results(name: str, proc: subprocess.Popen, log: Path, run_dir: Path, steps: int) -> tuple[list[dict], list]:
+    """(metrics rows, trajectories) of a finished run; it must have exited 0 after `steps` steps."""
     from protos.codec import read_trajectories
 
     try:
         rc = proc.wait(timeout=900)
     except subprocess.TimeoutExpired:
         proc.kill()
-        raise AssertionError(f"{recipe}: train.py did not finish; log tail:\n{log.read_text(errors='replace')[-4000:]}")
-    assert rc == 0, f"{recipe}: train.py exited {rc}; log tail:\n{log.read_text(errors='replace')[-5000:]}"
+        raise AssertionError(f"{name}: train.py did not finish; log tail:\n{log.read_text(errors='replace')[-4000:]}")
+    assert rc == 0, f"{name}: train.py exited {rc}; log tail:\n{log.read_text(errors='replace')[-5000:]}"
     rows = [json.loads(x) for x in (run_dir / "metrics.jsonl").read_text().splitlines() if x.strip()]
-    steps = [r for r in rows if not r.get("validation") and not r.get("skipped")]
-    assert [r["step"] for r in steps][-1] == 2, rows
+    trained = [r for r in rows if not r.get("validation") and not r.get("skipped")]
+    assert [r["step"] for r in trained][-1] == steps, rows
     trajs = [t for p in sorted((run_dir / "trajectories").iterdir()) for t in read_trajectories(p)]
-    return steps, trajs
+    return rows, trajs
+
+
+# ------------------------------------------------------------------ a user's plug-in, named in config
+
+PLUGIN = '''
+"""A user's tool and reward, outside weft's packages (written by tests/test_recipes.py)."""
+import os
+
+from env import Tool, ToolOutput
+from env.rewards import match_answer
+
+if os.environ.get("WEFT_PLUGIN_LOG"):  # the test reads which processes imported this module
+    with open(os.environ["WEFT_PLUGIN_LOG"], "a") as f, open("/proc/self/cmdline", "rb") as c:
+        f.write(c.read().replace(b"\\0", b" ").decode(errors="replace") + "\\n")
+
+
+def _run(video, args):
+    n = args["num_frames"]
+    times = [args["start"] + (args["end"] - args["start"]) * (i + 0.5) / n for i in range(n)]
+    frames, _ = video.get_frames(times, size=(112, 64))
+    return ToolOutput(f"[plugin zoom] {len(frames)} frame(s):", frames, (args["start"], args["end"]))
+
+
+def _check(args, duration):
+    if args["end"] > duration + 1.0:
+        return f"end is past the video ({duration:.1f} s)"
+    args["end"] = min(args["end"], duration)
+    return None if args["start"] < args["end"] else "end must be greater than start"
+
+
+ZOOM = Tool("temporal_zoom", "Frames sampled in [start, end] seconds (a plugin's own zoom).",
+            {"type": "object", "additionalProperties": False, "required": ["start", "end", "num_frames"],
+             "properties": {"start": {"type": "number", "minimum": 0}, "end": {"type": "number", "minimum": 0},
+                            "num_frames": {"type": "integer", "minimum": 1, "maximum": 4}}},
+            run=_run, check=_check, frame_cost=lambda a: a["num_frames"], label=lambda a: "plugin zoom")
+
+
+def reward(episode, task):
+    plugin = sum(c.ok and c.output.text.startswith("[plugin zoom]") for c in episode.tool_calls)
+    return {"right": float(match_answer(episode.answer, task.answer, task.options)), "plugin_zoom": float(plugin),
+            "clean": -0.5 * episode.format_errors}
+'''
+
+
+# The plug-in run: the module on PYTHONPATH, named in config; the demo's sizes, 3 steps, validation on a
+# held-out set before training, every 2 steps and at the last.
+PLUG = ["env.tools=[my_plugin:ZOOM,spatial_zoom,temporal_search,get_frame]", "reward.fn=my_plugin:reward",
+        "reward.weights={right: 1.0, plugin_zoom: 0.1, clean: 1.0}"]
+
+
+def plugin_env(root: Path) -> dict:
+    """PYTHONPATH with the user's module (written under root/plugins), and where the module logs its importers."""
+    import os
+
+    (root / "plugins").mkdir(parents=True, exist_ok=True)
+    (root / "plugins" / "my_plugin.py").write_text(PLUGIN)
+    return {"PYTHONPATH": os.pathsep.join([str(root / "plugins"), os.environ.get("PYTHONPATH", "")]),
+            "WEFT_PLUGIN_LOG": str(root / "plugin_imports.txt")}
+
+
+def _plugin_cmd(model: Path, data: Path, val: Path) -> list[str]:
+    return ["--config", "configs/demo.yaml", "--model", str(model), f"data.path={data / 'tasks.jsonl'}",
+            f"data.val_path={val / 'tasks.jsonl'}", "trainer.val_every=2", "trainer.val_before_train=true",
+            "run.display=log", "trainer.tensorboard=false", "trainer.total_steps=3", "trainer.sample_every=1",
+            "trainer.checkpoint_every=0", *PLUG]
+
+
+RUNS = [*RECIPES, "plugin"]  # six runs, so the pool of two has no slot left empty
+
+
+def _selected_runs(request) -> list[str]:
+    """The runs whose tests this session collected (`-k plugin` starts one run, not six)."""
+    ids = [item.nodeid for item in request.session.items]
+    return [r for r in RUNS if any((f"[{r}]" in i) if r in RECIPES else ("test_a_users_tool" in i) for i in ids)]
 
 
 @pytest.fixture(scope="module")
-def recipe_runs(sft_model, paravt_sft, short_demo_dir, tmp_path_factory):
-    """The five 2-step runs, two at a time (each is its own Ray cluster; the two cores take two runs'
-    start-ups and steps in about the time of 1.5 in a row), started once for the module."""
+def recipe_runs(request, sft_model, paravt_sft, short_demo_dir, tmp_path_factory):
+    """The five 2-step recipe runs and the plug-in's 3-step run, two at a time (each is its own Ray
+    cluster; the two cores take two runs' start-ups and steps in about the time of 1.5 in a row),
+    started once for the module. Each name maps to (metrics rows, trajectories, run dir), or to the
+    AssertionError its run raised."""
+    from env.demo import make_demo_data
+
     root = tmp_path_factory.mktemp("recipe_runs")
-    pending, running, done = list(RECIPES), [], {}
+    pending, running, done = _selected_runs(request), [], {}
     while pending or running:
         while pending and len(running) < 2:
-            recipe = pending.pop(0)
-            model = paravt_sft if recipe == "paravt" else sft_model
-            running.append((recipe, *_start(recipe, model, short_demo_dir, root / recipe)))
-        recipe, proc, log = running.pop(0)
+            name = pending.pop(0)
+            if name == "plugin":
+                val = make_demo_data(root / "heldout", videos=2, seconds=12, seed=11, size=(320, 180)).parent
+                cmd, env, steps = _plugin_cmd(sft_model, short_demo_dir, val), plugin_env(root / "plugin_src"), 3
+            else:
+                model = paravt_sft if name == "paravt" else sft_model
+                cmd, env, steps = _recipe_cmd(name, model, short_demo_dir), None, 2
+            running.append((name, steps, *_start(name, cmd, root / name, env)))
+        name, steps, proc, log = running.pop(0)
         try:
-            done[recipe] = _results(recipe, proc, log, root / recipe)
+            done[name] = (*_results(name, proc, log, root / name, steps), root / name)
         except AssertionError as e:
-            done[recipe] = e
+            done[name] = e
     return done
 
 
@@ -480,7 +569,8 @@ def test_recipe_trains_two_steps_and_its_mechanism_happens(recipe, recipe_runs):
     nothing else), 2 steps on Ray with vLLM; then the recipe's own mechanism is found in what it did."""
     if isinstance(recipe_runs[recipe], AssertionError):
         raise recipe_runs[recipe]
-    steps, trajs = recipe_runs[recipe]
+    rows, trajs, _ = recipe_runs[recipe]
+    steps = [r for r in rows if not r.get("validation") and not r.get("skipped")]
     terms = {"videozoomer": {"accuracy", "format"}}.get(recipe, {"accuracy", "format", "tool"})
     assert all({f"reward/{k}" for k in terms} <= set(r) for r in steps) and "reward/evidence" not in steps[-1]
     ran = [t for t in trajs if t.status.value != "FAILED"]
@@ -522,3 +612,56 @@ def test_recipe_trains_two_steps_and_its_mechanism_happens(recipe, recipe_runs):
         for t in ran:
             assert t.reward_terms["format"] in (0.0, -0.2) and t.reward_terms["tool"] in (0.0, 1.2)
         assert all("kl" in r for r in steps)
+
+
+
+@pytest.mark.slow
+@pytest.mark.ray
+@pytest.mark.vllm
+def test_a_users_tool_and_reward_run_in_check_env_and_in_train_on_ray(recipe_runs, sft_model, short_demo_dir, tmp_path):
+    """A tool and a reward function in a module of the user's (not weft's), named in the config: `weft
+    check-env` audits and runs them, and `weft train` runs them inside the Ray env actor (the SFT model
+    calls temporal_zoom, which the plugin replaces), with no registration step. The run (in the module's
+    pool, `recipe_runs`) validates on a held-out set as the demo does (before training, every 2 steps, at
+    the last), each time with exactly that step's weights, through the same tools."""
+    import os
+
+    from models.hf import load_processor
+
+    env = {**os.environ, **plugin_env(tmp_path)}
+    out = subprocess.run([sys.executable, "-m", "weft_cli", "check-env", "--data", str(short_demo_dir), "--policy",
+                          "random", "--episodes", "8", "--check", "--config", "configs/demo.yaml", *PLUG],
+                         cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+    assert out.returncode == 0, out.stderr[-3000:]
+    summary = json.loads(out.stdout.strip().splitlines()[-1])
+    assert summary["crashes"] == 0 and summary["check"]["ok"], summary  # the audit covered the plugin's tool too
+    assert set(summary["reward_terms"]) == {"right", "plugin_zoom", "clean"}, summary
+    assert summary["reward_terms"]["plugin_zoom"] > 0  # random calls of temporal_zoom ran the plugin's tool
+
+    if isinstance(recipe_runs["plugin"], AssertionError):
+        raise recipe_runs["plugin"]
+    rows, trajs, run_dir = recipe_runs["plugin"]
+    last = [r for r in rows if not r.get("validation")][-1]  # the last step's own row (validation rows follow it)
+    assert {"reward/right", "reward/plugin_zoom", "reward/clean"} <= set(last), last
+    assert "reward/accuracy" not in last  # the plugin's reward replaced weft's
+    tok = load_processor(sft_model).tokenizer
+    assert all("a plugin's own zoom" in tok.decode(t.token_ids[:2000].tolist()) for t in trajs)  # its schema, shown
+    # The Ray env actor imported the plugin itself (env.tools and reward.fn resolve where the env runs),
+    # and its reward ran there: the reward terms above are the plugin's.
+    imports = (run_dir.parent / "plugin_src" / "plugin_imports.txt").read_text()
+    assert "ray::EnvActor" in imports, imports
+    # Every temporal_zoom call the model got right ran the plugin's code. (The tiny SFT model learned the
+    # built-in's exact prompt; the plugin's description changes it, and in some runs the model then
+    # writes no valid zoom call at all, so their number is not asserted. check-env above ran the tool.)
+    zooms = [c for t in trajs for c in t.metadata["tool_calls"] if c["name"] == "temporal_zoom" and c["ok"]]
+    assert all(c["label"] == "plugin zoom" and c["window"] is not None for c in zooms)
+    shown = sum(o.count("[plugin zoom]") for t in trajs for o in t.metadata["observation_texts"])
+    assert shown == len(zooms), (shown, len(zooms))
+    val = [r for r in rows if r.get("validation")]
+    assert [r["step"] for r in val] == [0, 2, 3], val
+    version_at = {0: 0, **{r["step"]: r["version"] for r in rows if not r.get("validation") and not r.get("skipped")}}
+    for r in val:
+        assert r["val/tasks"] == 2 and 0.0 <= r["val/accuracy"] <= 1.0 and r["val/failed"] == 0, r
+        assert r["val/version"] == r["val/policy_version_min"] == r["val/policy_version_max"] == version_at[r["step"]], r
+    summary = json.loads((run_dir / "summary.json").read_text())
+    assert [v["step"] for v in summary["validation"]] == [0, 2, 3]
