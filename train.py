@@ -114,6 +114,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     final, _ = learner.stop(), shutdown_workers(workers)                      # 6
     rows = read_metrics(cfg.trainer.run_dir)
     summary = {"run_dir": cfg.trainer.run_dir, "steps": final["step"], "version": final["version"],
+               "stopped": final.get("stopped"),
                "groups": accounting, "learner": {k: final[k] for k in ("accepted", "groups_consumed", "buffer",
                                                                         "stale_at_put", "stale_at_take", "duplicate",
                                                                         "rejected", "idle_frac")},
@@ -122,6 +123,9 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     Path(cfg.trainer.run_dir, "summary.json").write_text(json.dumps(summary, indent=2), encoding="utf-8")
     print_summary(summary)
     ray.shutdown()
+    if summary["stopped"]:  # checkpoint and export are saved; the run still did not do what was asked
+        log.error("stopped at step %d of %d: %s", final["step"], cfg.trainer.total_steps, summary["stopped"])
+        return 3
     return 0
 
 

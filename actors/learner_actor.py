@@ -146,6 +146,14 @@ class LearnerGroup:
 
     def progress(self) -> dict[str, Any]:
         """Rank 0's progress; raises LearnerLost when a rank died or training failed."""
+        try:
+            p = ray.get(self.rank0.progress.remote(), timeout=120)
+        except (ray.exceptions.RayError, TimeoutError) as e:
+            raise LearnerLost(f"learner rank 0 is gone: {type(e).__name__}: {str(e)[:300]}") from None
+        if p["error"]:
+            raise LearnerLost(f"learner failed: {p['error']}")
+        if p["done"]:  # rank 0 ended training cleanly and released the other ranks: their ending is not a loss
+            return p
         done, _ = ray.wait(self.followers, num_returns=len(self.followers), timeout=0) if self.followers else ([], [])
         for ref in done:
             try:
@@ -153,12 +161,6 @@ class LearnerGroup:
                 raise LearnerLost("a learner rank stopped following rank 0")
             except ray.exceptions.RayError as e:
                 raise LearnerLost(f"a learner rank failed: {type(e).__name__}: {str(e)[:300]}") from None
-        try:
-            p = ray.get(self.rank0.progress.remote(), timeout=120)
-        except (ray.exceptions.RayError, TimeoutError) as e:
-            raise LearnerLost(f"learner rank 0 is gone: {type(e).__name__}: {str(e)[:300]}") from None
-        if p["error"]:
-            raise LearnerLost(f"learner failed: {p['error']}")
         return p
 
     def restart(self) -> str:

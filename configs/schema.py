@@ -173,6 +173,7 @@ class TrainerConfig:
     export_hf: bool = f(True, "At the end of training, write the final weights as an HF model (config.json + safetensors + processor) to run_dir/model, loadable by from_pretrained and vLLM.")
     weight_transport: str = f("grpc", "How weights reach the rollout workers: grpc (LearnerServer.publish; any device) | nccl (torch.distributed broadcast; CUDA only, UNVERIFIED).", choices=["grpc", "nccl"])
     batch_timeout_s: float = f(60.0, "How long one wait for a batch may take before the loop logs that it is starved and waits again.", min=0.1)
+    max_skipped_batches: int = f(20, "Stop the run after this many batches in a row left nothing to train on (every group zero-variance or failed), saving a checkpoint and exiting non-zero: the policy scores the same on every episode of every task it draws (all too easy or all too hard), and sampling more groups will not change that (DAPO's max_num_gen_batches). 0 = never stop.", min=0)
     total_steps: int = f(0, "Stop after this many optimizer steps (counting resumed ones); 0 = run until stopped (`weft train` needs it > 0).", min=0)
     sample_every: int = f(10, "Every this many steps, write the step's trajectories to run_dir/trajectories/step_NNNNNN.msgpack (for `weft view`); 0 = never.", min=0)
     checkpoint_every: int = f(50, "Save a checkpoint every this many steps; 0 = only at the end.", min=0)

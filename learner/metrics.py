@@ -27,6 +27,7 @@ TRAINER_HELP = {
     "time": "unix time the line was written (JSONL only)",
     "version": "weight version after this step (published to the rollout workers)",
     "skipped": "1 when nothing was left to train on after filtering (no update, no new version), else 0",
+    "batch": "batches taken from the buffer so far, this one included (a skipped batch's row repeats the step it followed)",
     "reward_mean": "mean reward of the batch's trajectories that ran (FAILED/ABORTED excluded)",
     "reward_std": "std of those rewards",
     "reward/<term>": "mean of one named reward term (accuracy, format, tool, evidence, cost) over the same trajectories",
@@ -133,11 +134,12 @@ class MetricsLogger:
                 continue  # a line cut by the kill
         self.path.write_text("".join(k + "\n" for k in keep), encoding="utf-8")
 
-    def log(self, step: int, metrics: dict[str, Any]) -> None:
+    def log(self, step: int, metrics: dict[str, Any], tensorboard: bool = True) -> None:
+        """One row of metrics.jsonl at `step`; also TensorBoard scalars and histograms unless `tensorboard` is off."""
         row = {"step": int(step), "time": time.time(), **{k: _jsonable(v) for k, v in metrics.items()}}
         with open(self.path, "a", encoding="utf-8") as fh:
             fh.write(json.dumps(row) + "\n")
-        if self._writer is None:
+        if self._writer is None or not tensorboard:
             return
         for k, v in row.items():
             if k in ("step", "time"):

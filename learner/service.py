@@ -84,7 +84,7 @@ class LearnerService:
                 "accepted": c["accepted"], "stale_at_take": c["stale_at_take"], "stale_at_put": c["stale_at_put"],
                 "duplicate": c["duplicate"], "rejected": c["rejected"], "buffer": stats["size"],
                 "subscribers": self.server.status().subscribers, "idle_frac": min(self._idle_s / wall, 1.0),
-                "done": self.done(), "error": self._error,
+                "done": self.done(), "error": self._error, "stopped": self.trainer.stopped,
                 "metrics": {k: m[k] for k in PROGRESS_METRICS if k in m}}
 
     def seen_group_ids(self) -> list[str]:

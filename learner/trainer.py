@@ -195,6 +195,8 @@ class Trainer:
         self.step = 0
         self.version = 0
         self.cursor = {"groups_consumed": 0, "trajectories_trained": 0, "batches": 0}
+        self.skipped_in_a_row = 0  # batches since the last trained step that left nothing to train on
+        self.stopped: Optional[str] = None  # why run() ended before total_steps, if it did
         self.last_metrics: dict[str, Any] = {}
         self.decoder = None  # env's shared FrameDecoder, created on first use
         self.saved_step: Optional[int] = None
@@ -443,9 +445,7 @@ class Trainer:
             self.cursor["groups_consumed"] += len(groups or ())
         t_prep = time.perf_counter()
         metrics["time/prepare_s"] = t_prep - t0
-        if not adv:
-            if comm.is_main:
-                log.warning("step %d: nothing to train on after filtering %d groups", self.step, len(groups or ()))
+        if not adv:  # Trainer.run warns and counts; replay counts
             return self._finish(metrics, t0, skipped=True)
         mbs: list[Optional[MicroBatch]] = list(self.micro_batches(samples)) if samples else []
         n_mb = comm.max(len(mbs))
@@ -530,7 +530,9 @@ class Trainer:
             return metrics
         self.last_metrics = metrics
         if self.metrics is not None:
-            self.metrics.log(self.step, metrics)
+            # A skipped batch's row carries the step it followed; kept out of TensorBoard, where its reward
+            # would be a second point at that step's x. metrics.jsonl keeps it, flagged skipped with its batch.
+            self.metrics.log(self.step, {**metrics, "batch": self.cursor["batches"]}, tensorboard=not skipped)
         return metrics
 
     # ---- the loop
@@ -559,8 +561,12 @@ class Trainer:
                                  len(self.server.buffer), self.server.buffer.capacity)
                     continue
                 m = self.train_step(groups)
-                log.info("step %d version %d loss %.4f reward %.3f (%.1f s)", self.step, self.version,
-                         m.get("loss", float("nan")), m.get("reward_mean", float("nan")), m["time/step_s"])
+                if not m["skipped"]:
+                    self.skipped_in_a_row = 0
+                    log.info("step %d version %d loss %.4f reward %.3f (%.1f s)", self.step, self.version,
+                             m.get("loss", float("nan")), m.get("reward_mean", float("nan")), m["time/step_s"])
+                elif self._too_many_skipped(m):
+                    break
             ok = True
         finally:
             # After a failure the other ranks may be gone or stuck in a collective: the driver
@@ -569,6 +575,22 @@ class Trainer:
                 self.finish()
             if self.metrics is not None:
                 self.metrics.close()
+
+    def _too_many_skipped(self, m: dict[str, Any]) -> bool:
+        """Count a batch that trained nothing; True (and `stopped` says why) once trainer.max_skipped_batches
+        of them came in a row."""
+        self.skipped_in_a_row += 1
+        log.warning("batch %d trained nothing (%d groups: %d zero-variance; reward %.3f); %d such batches in a row",
+                    self.cursor["batches"], m.get("groups", 0), m.get("zero_variance_groups", 0),
+                    m.get("reward_mean", float("nan")), self.skipped_in_a_row)
+        limit = self.tc.max_skipped_batches
+        if not limit or self.skipped_in_a_row < limit:
+            return False
+        self.stopped = (f"{self.skipped_in_a_row} batches in a row trained nothing (last: {m.get('groups', 0)} groups, "
+                        f"{m.get('zero_variance_groups', 0)} with every reward the same, reward {m.get('reward_mean', float('nan')):.3f}): "
+                        "the tasks are all too easy or all too hard for this policy (trainer.max_skipped_batches)")
+        log.error("step %d: stopping: %s", self.step, self.stopped)
+        return True
 
     def finish(self, export_dir: Optional[str | Path] = None) -> None:
         """Rank 0 at the end: the last checkpoint, the HF export (to `export_dir`, else run_dir/model when
@@ -734,7 +756,9 @@ def main_learner(args: argparse.Namespace) -> int:
     while not svc.join(timeout=1.0):
         pass
     progress = svc.stop()
-    return 1 if progress["error"] else 0
+    if progress["stopped"]:
+        log.error("stopped before trainer.total_steps: %s", progress["stopped"])
+    return 1 if progress["error"] or progress["stopped"] else 0
 
 
 def main_replay(cfg: WeftConfig, args: argparse.Namespace) -> int:

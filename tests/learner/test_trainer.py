@@ -11,6 +11,8 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import time
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -171,6 +173,49 @@ def test_nothing_left_to_train_on_is_a_counted_skip(tiny_dir, make_cfg, groups):
     m = tr.train_step(flat + [failed])
     assert m["skipped"] == 1 and tr.version == 0 and tr.step == 0
     assert m["zero_variance_groups"] == 2 and m["dropped/failed"] == 4
+
+
+def test_a_run_of_skipped_batches_stops_the_learner_with_a_checkpoint_and_a_reason(tiny_dir, make_cfg, groups):
+    """trainer.max_skipped_batches: batches whose groups all scored the same train nothing, and after that
+    many in a row the learner stops (a run would otherwise never reach total_steps) with the reason in
+    progress(), after its final checkpoint. Groups arrive over real gRPC. A skipped batch's row in
+    metrics.jsonl carries its batch number and stays out of TensorBoard (no second point at its step)."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    from actors.learner_client import LearnerClient
+    from learner.service import LearnerService
+
+    cfg = make_cfg("trainer.lr=1e-3", "rollout.dtype=float32", "learner.group_size=4", "trainer.groups_per_step=1",
+                   "trainer.total_steps=10", "trainer.max_skipped_batches=2", "trainer.checkpoint_every=0",
+                   "trainer.export_hf=false", "trainer.tensorboard=true")
+    flat = [Group(f"flat{i}", g.task_id, [dataclasses.replace(t, reward=0.5, group_id=f"flat{i}",
+                                                             traj_id=f"flat{i}/{k}") for k, t in enumerate(g.trajectories)])
+            for i, g in enumerate(groups)]
+    svc = LearnerService(cfg, tiny_dir)
+    svc.start()
+    try:
+        with LearnerClient.from_config(cfg.learner, svc.address) as client:
+            client.submit([groups[0]])  # trains step 1
+            deadline = time.monotonic() + 120
+            while svc.progress()["step"] < 1 and time.monotonic() < deadline:
+                time.sleep(0.1)
+            client.submit(flat)  # two batches of one zero-variance group each
+        assert svc.join(timeout=120), "the learner did not stop after 2 skipped batches"
+        p = svc.progress()
+        assert p["error"] is None and p["step"] == 1 and p["batches"] == 3, p
+        assert p["stopped"] and "2 batches in a row trained nothing" in p["stopped"], p
+    finally:
+        svc.stop()
+    from learner.checkpoint import latest_checkpoint
+
+    assert latest_checkpoint(cfg.trainer.run_dir) is not None  # step 1 saved on the way out
+    run_dir = Path(cfg.trainer.run_dir)
+    rows = [json.loads(x) for x in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    assert [(r["step"], r["batch"], r["skipped"]) for r in rows] == [(1, 1, 0), (1, 2, 1), (1, 3, 1)], rows
+    assert rows[1]["zero_variance_groups"] == 1 and "loss" not in rows[1]
+    tb = EventAccumulator(str(run_dir / "tb"))
+    tb.Reload()
+    assert [e.step for e in tb.Scalars("reward_mean")] == [1]
 
 
 def test_micro_batch_split_leaves_loss_and_gradient_unchanged(tiny_dir, make_cfg, groups):
