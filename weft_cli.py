@@ -115,6 +115,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     p.add_argument("--tokens", type=int, default=16384, help="Tokens of the longest micro-batch (prompt + turns + observations).")
     p.add_argument("--image-tokens", type=int, default=None, help="Of those, image tokens (default: half).")
     p.add_argument("--gradient-checkpointing", action="store_true", help="With activation checkpointing of every layer and block.")
+    p.add_argument("--reference", action="store_true",
+                   help="With the frozen reference policy a KL term loads (loss.kl_coef or loss.kl_in_reward > 0; every paper recipe).")
     p.add_argument("--gpu-gib", type=float, default=80.0, help="GPU memory to compare the total with.")
     p.set_defaults(func=_plan)
 

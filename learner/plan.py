@@ -15,6 +15,10 @@ no GPU. What it counts, per rank, at world size N (FSDP2, weft's defaults on CUD
   recomputed;
 * the loss: the fused kernel's two [chunk, V] fp32 buffers, its fp32 dW accumulator [V, H]
   and dL/dhidden for the loss tokens.
+* with `reference` (a KL term: loss.kl_coef or loss.kl_in_reward > 0, as every paper recipe
+  has): the frozen reference policy, loaded and sharded like the policy, fp32 (4 bytes a
+  parameter, / N). Its no-grad pass runs before the policy's update, so its gathered units are
+  not held at the same time as the policy's activations, and are not counted.
 It is an estimate: allocator fragmentation, NCCL buffers and the CUDA context (a few GB) are
 not in it, and a run's own peak says more; `bench/learner.py` and the GPU check measure them.
 """
@@ -63,7 +67,7 @@ def _layer_activations(hidden: int, kv: int, inter: int, gated: bool) -> int:
 
 
 def plan(config_path: str | Path, world_size: int, tokens: int, image_tokens: Optional[int] = None,
-         gradient_checkpointing: bool = False, chunk_size: int = 1024) -> Plan:
+         gradient_checkpointing: bool = False, chunk_size: int = 1024, reference: bool = False) -> Plan:
     from transformers import AutoConfig
 
     from models.hf import empty_hf_model
@@ -102,6 +106,8 @@ def plan(config_path: str | Path, world_size: int, tokens: int, image_tokens: Op
         "activations, vision (bf16)": act_vision,
         "loss kernel ([chunk, V] x 2, dW, dh; fp32)": 4 * (2 * chunk_size * vocab + vocab * h + loss_tokens * h),
     }
+    if reference:
+        rows["reference policy (fp32, sharded)"] = 4 * n / world_size
     return Plan(Path(config_path).stem, world_size, n, rows)
 
 
@@ -124,7 +130,7 @@ def main_plan(args: argparse.Namespace) -> int:
     configs = [Path(args.model_config)] if args.model_config else shipped_model_configs()
     out = []
     for c in configs:
-        p = plan(c, args.world_size, args.tokens, args.image_tokens, args.gradient_checkpointing)
+        p = plan(c, args.world_size, args.tokens, args.image_tokens, args.gradient_checkpointing, reference=args.reference)
         print(table(p, args.gpu_gib))
         out.append({"model": p.name, "world_size": p.world_size, "params": p.params,
                     "rows_gib": {k: round(v / GIB, 2) for k, v in p.rows.items()}, "total_gib": round(p.total / GIB, 2)})

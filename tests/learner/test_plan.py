@@ -35,14 +35,19 @@ def test_sharded_state_scales_with_world_size_and_checkpointing_cuts_activations
     text = "activations, text (16384 tokens, bf16)"
     assert ckpt.rows[text] < eight.rows[text] / 5
     assert eight.total > ckpt.total
+    ref = plan(cfg, 8, 16384, reference=True)  # a KL term's frozen reference: its sharded fp32 weights more
+    assert ref.rows["reference policy (fp32, sharded)"] == eight.rows["parameters (fp32, sharded)"]
+    assert ref.total - eight.total == pytest.approx(4 * eight.params / 8)
 
 
 def test_weft_plan_prints_the_three_tables_at_world_size_8():
-    out = subprocess.run([sys.executable, "-m", "weft_cli", "plan", "--world-size", "8", "--gradient-checkpointing"],
+    out = subprocess.run([sys.executable, "-m", "weft_cli", "plan", "--world-size", "8", "--gradient-checkpointing",
+                          "--reference"],
                          cwd=ROOT, capture_output=True, text=True, check=True, timeout=300).stdout
     for name in PUBLISHED:
         assert f"{name}: " in out and "world size 8" in out
     rows = json.loads(out.strip().splitlines()[-1])
     seven = next(r for r in rows if r["model"] == "Qwen2.5-VL-7B-Instruct")
-    assert 20 < seven["total_gib"] < 80  # fits an 80 GB GPU at world size 8 with checkpointing
+    assert 20 < seven["total_gib"] < 80  # fits an 80 GB GPU at world size 8 with checkpointing and a reference
+    assert seven["rows_gib"]["reference policy (fp32, sharded)"] == seven["rows_gib"]["parameters (fp32, sharded)"]
     assert seven["total_gib"] * GIB == pytest.approx(sum(seven["rows_gib"].values()) * GIB, rel=1e-2)
