@@ -40,6 +40,7 @@ def load_config(path: str | Path | None = None, overrides: Sequence[str] = (), s
             layers.append(OmegaConf.from_dotlist(list(overrides)))
         merged = OmegaConf.merge(base, *layers)
         obj = OmegaConf.to_object(merged)
+        _own_reward_weights(obj, layers)
     except OmegaConfBaseException as e:
         key = getattr(e, "full_key", None) or getattr(e, "key", None)
         where = f" (in {path})" if path else ""
@@ -48,6 +49,23 @@ def load_config(path: str | Path | None = None, overrides: Sequence[str] = (), s
         raise ConfigError(f"config key '{key}'{where}: {e.msg if hasattr(e, 'msg') else e}") from None
     check_bounds(obj)
     return obj
+
+
+def _own_reward_weights(obj: Any, layers: Sequence[Any]) -> None:
+    """The default reward.weights are the default reward function's. A config that names another
+    function gets only the weights its own layers set (1 for a term not listed), never the default's
+    leftovers: merged in, a plug-in's own `format` term would silently be weighed 0.2."""
+    from omegaconf import OmegaConf
+
+    reward = getattr(obj, "reward", None)
+    if reward is None or reward.fn == type(reward)().fn:
+        return
+    weights: dict[str, float] = {}
+    for layer in layers:
+        w = OmegaConf.select(layer, "reward.weights", default=None)
+        if w is not None:
+            weights.update({str(k): float(v) for k, v in OmegaConf.to_container(w).items()})
+    reward.weights = weights
 
 
 def eval_config(cfg: Any, *, samples: Optional[int] = None, temperature: Optional[float] = None,

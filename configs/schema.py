@@ -26,7 +26,7 @@ class RewardConfig:
 
     fn: str = f("env.rewards:default_reward", "The reward function, `module:function`, called as fn(episode, task, **kwargs) -> {term: value} in the env's process (env/rewards.py says what `episode` holds). The default: accuracy, format, tool, evidence, cost.")
     weights: dict[str, float] = f(factory=lambda: {"accuracy": 1.0, "format": 0.2, "tool": 0.1, "evidence": 0.2, "cost": 1.0},
-                                  help="Weight of each named term (1 for a term not listed); the reward is the weighted sum and the trajectory records the weighted terms.")
+                                  help="Weight of each named term (1 for a term not listed); the reward is the weighted sum and the trajectory records the weighted terms. These defaults are the default function's: a config naming another reward.fn starts from none, and has only the weights it sets.")
     kwargs: dict[str, Any] = f(factory=dict, help="Keyword arguments of the reward function. The default's: format_penalty (0.5, taken off the format term per malformed turn), cost_per_frame (0.0), cost_per_turn (0.0, per turn after the first).")
 
 

@@ -1,10 +1,13 @@
 """Config loading: every shipped YAML loads, overrides apply, unknown keys and bad values name the key."""
 
 import dataclasses
+from pathlib import Path
 
 import pytest
 
 from configs import ConfigError, LossConfig, WeftConfig, load_config, shipped_configs, to_yaml
+
+ROOT = Path(__file__).resolve().parents[2]
 
 
 @pytest.mark.parametrize("path", shipped_configs(), ids=lambda p: p.name)
@@ -61,3 +64,21 @@ def test_yaml_round_trip(tmp_path):
     p = tmp_path / "c.yaml"
     p.write_text(to_yaml(cfg))
     assert load_config(p) == cfg
+
+
+def test_reward_weights_belong_to_the_reward_function(tmp_path):
+    """The default weights go with the default reward; a config naming another function keeps only the
+    weights it sets (a plug-in's own `format` term is weighed 1, not the default's 0.2), whether they come
+    from a YAML file, a whole-dict override or dotted keys; the default function's weights merge as before."""
+    tweaked = load_config(overrides=["reward.weights.tool=0.5"])
+    assert tweaked.reward.weights == {"accuracy": 1.0, "format": 0.2, "tool": 0.5, "evidence": 0.2, "cost": 1.0}
+    plug = load_config(overrides=["reward.fn=my_plugin:reward", "reward.weights={right: 1.0, clean: 0.5}"])
+    assert plug.reward.weights == {"right": 1.0, "clean": 0.5}
+    dotted = load_config(overrides=["reward.fn=my_plugin:reward", "reward.weights.right=2"])
+    assert dotted.reward.weights == {"right": 2.0}
+    assert load_config(overrides=["reward.fn=my_plugin:reward"]).reward.weights == {}
+    (tmp_path / "r.yaml").write_text("reward:\n  fn: my_plugin:reward\n  weights: {right: 0.7}\n")
+    both = load_config(tmp_path / "r.yaml", ["reward.weights.clean=0.1"])
+    assert both.reward.weights == {"right": 0.7, "clean": 0.1}
+    weaver = load_config(ROOT / "configs/recipes/weaver.yaml")
+    assert weaver.reward.weights == {"accuracy": 0.7, "format": 0.2, "tool": 0.1}
