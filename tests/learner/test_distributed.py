@@ -67,27 +67,15 @@ def replay_file(sft_model, tmp_path_factory):
     return out
 
 
-def start_replay(file: Path, model: Path, run_dir: Path, world: int, steps: int, *overrides: str) -> subprocess.Popen:
-    return subprocess.Popen([sys.executable, "-m", "weft_cli", "learner", "--replay", str(file), "--model", str(model),
-                             "--steps", str(steps), "--out", str(run_dir / "hf"), "--run-dir", str(run_dir),
-                             "--world-size", str(world), *COMMON, *overrides], cwd=ROOT, stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True)
-
-
-def replay_summary(proc: subprocess.Popen, world: int, steps: int) -> dict:
-    try:
-        out, err = proc.communicate(timeout=600)
-    except subprocess.TimeoutExpired:
-        proc.kill()
-        raise
-    assert proc.returncode == 0, err[-4000:]
-    summary = json.loads(out.strip().splitlines()[-1])
+def replay(file: Path, model: Path, run_dir: Path, world: int, steps: int, *overrides: str) -> dict:
+    out = run_dir / "hf"
+    done = subprocess.run([sys.executable, "-m", "weft_cli", "learner", "--replay", str(file), "--model", str(model),
+                           "--steps", str(steps), "--out", str(out), "--run-dir", str(run_dir), "--world-size",
+                           str(world), *COMMON, *overrides], cwd=ROOT, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-4000:]
+    summary = json.loads(done.stdout.strip().splitlines()[-1])
     assert summary["steps"] == steps and summary["world_size"] == world, summary
     return summary
-
-
-def replay(file: Path, model: Path, run_dir: Path, world: int, steps: int, *overrides: str) -> dict:
-    return replay_summary(start_replay(file, model, run_dir, world, steps, *overrides), world, steps)
 
 
 def hf_weights(model_dir: Path) -> dict[str, torch.Tensor]:
@@ -119,17 +107,12 @@ def runs(replay_file, sft_model, tmp_path_factory):
     """Two uninterrupted steps at world size 1 and 2, for each aggregation (one checkpoint per step)."""
     root = tmp_path_factory.mktemp("runs")
     out = {}
-    aggs = ("token-mean", "seq-mean-token-mean")
-    # The two world-size-1 runs side by side (one process each: their start-ups overlap on 2 cores), then
-    # the sharded ones, one at a time.
-    procs = {agg: start_replay(replay_file, sft_model, root / f"{agg}-w1", 1, 2, f"loss.loss_agg={agg}") for agg in aggs}
-    for agg, proc in procs.items():
-        out[agg, 1] = (root / f"{agg}-w1", replay_summary(proc, 1, 2))
-    for agg in aggs:
-        run_dir = root / f"{agg}-w2"
-        # One sharded run with activation checkpointing of every layer and block: it must not change a weight.
-        ckpt = ["trainer.gradient_checkpointing=true"] if agg == "seq-mean-token-mean" else []
-        out[agg, 2] = (run_dir, replay(replay_file, sft_model, run_dir, 2, 2, f"loss.loss_agg={agg}", *ckpt))
+    for agg in ("token-mean", "seq-mean-token-mean"):
+        for world in (1, 2):
+            run_dir = root / f"{agg}-w{world}"
+            # One sharded run with activation checkpointing of every layer and block: it must not change a weight.
+            ckpt = ["trainer.gradient_checkpointing=true"] if (agg, world) == ("seq-mean-token-mean", 2) else []
+            out[agg, world] = (run_dir, replay(replay_file, sft_model, run_dir, world, 2, f"loss.loss_agg={agg}", *ckpt))
     return out
 
 
