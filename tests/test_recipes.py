@@ -446,6 +446,7 @@ def _recipe_cmd(recipe: str, model: Path, data: Path) -> list[str]:
 
 def _results(name: str, proc: subprocess.Popen, log: Path, run_dir: Path, steps: int) -> tuple[list[dict], list]:
     """(metrics rows, trajectories) of a finished run; it must have exited 0 after `steps` steps."""
+    from learner.metrics import read_metrics
     from protos.codec import read_trajectories
 
     try:
@@ -455,8 +456,7 @@ def _results(name: str, proc: subprocess.Popen, log: Path, run_dir: Path, steps:
         raise AssertionError(f"{name}: train.py did not finish; log tail:\n{log.read_text(errors='replace')[-4000:]}")
     assert rc == 0, f"{name}: train.py exited {rc}; log tail:\n{log.read_text(errors='replace')[-5000:]}"
     rows = [json.loads(x) for x in (run_dir / "metrics.jsonl").read_text().splitlines() if x.strip()]
-    trained = [r for r in rows if not r.get("validation") and not r.get("skipped")]
-    assert [r["step"] for r in trained][-1] == steps, rows
+    assert [r["step"] for r in read_metrics(run_dir)][-1] == steps, rows
     trajs = [t for p in sorted((run_dir / "trajectories").iterdir()) for t in read_trajectories(p)]
     return rows, trajs
 
@@ -572,8 +572,10 @@ def test_recipe_trains_two_steps_and_its_mechanism_happens(recipe, recipe_runs):
     nothing else), 2 steps on Ray with vLLM; then the recipe's own mechanism is found in what it did."""
     if isinstance(recipe_runs[recipe], AssertionError):
         raise recipe_runs[recipe]
-    rows, trajs, _ = recipe_runs[recipe]
-    steps = [r for r in rows if not r.get("validation") and not r.get("skipped")]
+    from learner.metrics import read_metrics
+
+    _, trajs, run_dir = recipe_runs[recipe]
+    steps = read_metrics(run_dir)  # the trained steps
     terms = {"videozoomer": {"accuracy", "format"}}.get(recipe, {"accuracy", "format", "tool"})
     assert all({f"reward/{k}" for k in terms} <= set(r) for r in steps) and "reward/evidence" not in steps[-1]
     ran = [t for t in trajs if t.status.value != "FAILED"]
@@ -617,7 +619,6 @@ def test_recipe_trains_two_steps_and_its_mechanism_happens(recipe, recipe_runs):
         assert all("kl" in r for r in steps)
 
 
-
 @pytest.mark.slow
 @pytest.mark.ray
 @pytest.mark.vllm
@@ -629,6 +630,7 @@ def test_a_users_tool_and_reward_run_in_check_env_and_in_train_on_ray(recipe_run
     the last), each time with exactly that step's weights, through the same tools."""
     import os
 
+    from learner.metrics import read_metrics
     from models.hf import load_processor
 
     env = {**os.environ, **plugin_env(tmp_path)}
@@ -662,7 +664,7 @@ def test_a_users_tool_and_reward_run_in_check_env_and_in_train_on_ray(recipe_run
     assert shown == len(zooms), (shown, len(zooms))
     val = [r for r in rows if r.get("validation")]
     assert [r["step"] for r in val] == [0, 2, 3], val
-    version_at = {0: 0, **{r["step"]: r["version"] for r in rows if not r.get("validation") and not r.get("skipped")}}
+    version_at = {0: 0, **{r["step"]: r["version"] for r in read_metrics(run_dir)}}
     for r in val:
         assert r["val/tasks"] == 2 and 0.0 <= r["val/accuracy"] <= 1.0 and r["val/failed"] == 0, r
         assert r["val/version"] == r["val/policy_version_min"] == r["val/policy_version_max"] == version_at[r["step"]], r
