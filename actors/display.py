@@ -24,6 +24,7 @@ def row(s: dict[str, Any], total_steps: int) -> dict[str, str]:
     reruns = sum(v for k, v in c.items() if k.startswith("rerun/"))
     return {"step": f"{s['step']}/{total_steps}", "version": str(s["version"]),
             "reward": fmt(m.get("reward_mean")), "accuracy": fmt(m.get("accuracy")),
+            "tool calls/ep": fmt(m.get("episode/tool_calls"), 2),
             "tokens/s": fmt(m.get("tokens_per_s"), 1), "staleness": fmt(m.get("staleness_mean"), 2),
             "workers": f"{s['workers_alive']}/{s['workers']}", "envs": f"{s['envs_alive']}/{s['envs']}",
             "groups ok/run/rerun": f"{c.get('accepted', 0)}/{s['running']}/{reruns}",

@@ -32,6 +32,8 @@ TRAINER_HELP = {
     "reward_std": "std of those rewards",
     "reward/<term>": "mean of one named reward term (accuracy, format, tool, evidence, cost) over the same trajectories",
     "accuracy": "fraction of those trajectories whose accuracy term is positive (right answer)",
+    "episode/<term>": "mean over the same trajectories of what the episode did: tool_calls, turns, frames (returned by "
+                      "tools); used_tools is the fraction that made at least one tool call",
     "adv_abs_mean": "mean |advantage| over the trajectories trained on",
     "groups": "groups taken from the buffer for this step",
     "groups_trained": "groups left after dropping zero-variance groups and bad trajectories",
@@ -160,7 +162,8 @@ class MetricsLogger:
 
 # ------------------------------------------------------------------ a run's summary
 
-LEARNING_KEYS = ("reward_mean", "accuracy", "reward/format", "reward/tool", "reward/accuracy", "reward/evidence")
+LEARNING_KEYS = ("reward_mean", "accuracy", "reward/format", "reward/tool", "reward/accuracy", "reward/evidence",
+                 "episode/used_tools", "episode/tool_calls")
 
 
 def read_metrics(run_dir: str | Path) -> list[dict[str, Any]]:

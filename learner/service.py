@@ -27,7 +27,8 @@ from learner.trainer import Trainer, default_run_dir, fill_learner_limits
 
 log = logging.getLogger(__name__)
 
-PROGRESS_METRICS = ("step", "skipped", "reward_mean", "accuracy", "staleness_mean", "tokens_per_s", "loss", "time/step_s")
+PROGRESS_METRICS = ("step", "skipped", "reward_mean", "accuracy", "episode/tool_calls", "staleness_mean",
+                    "tokens_per_s", "loss", "time/step_s")
 
 
 class LearnerService:

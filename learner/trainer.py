@@ -712,6 +712,10 @@ def batch_metrics(groups: Sequence[Group], version: int) -> dict[str, Any]:
     }
     for k in terms:
         out[f"reward/{k}"] = float(np.mean([t.reward_terms.get(k, 0.0) for t in ran]))
+    # What the episodes did, beside what they earned: tool use being learned shows here first.
+    for k in ("tool_calls", "turns", "frames"):
+        out[f"episode/{k}"] = float(np.mean([t.metrics.get(k, 0.0) for t in ran])) if ran else 0.0
+    out["episode/used_tools"] = float(np.mean([t.metrics.get("tool_calls", 0.0) > 0 for t in ran])) if ran else 0.0
     return out
 
 

@@ -230,6 +230,22 @@ def test_micro_batch_split_leaves_loss_and_gradient_unchanged(tiny_dir, make_cfg
         assert whole["tokens"] == split["tokens"]
 
 
+def test_batch_metrics_say_what_the_episodes_did():
+    """Beside the rewards, each step's row says how many tool calls, turns and frames an episode took and
+    what fraction used a tool (the curve a tool-use run is watched by); FAILED episodes are not counted."""
+    from learner.trainer import batch_metrics
+
+    def traj(calls: int, status: Status = Status.COMPLETED) -> Trajectory:
+        z = np.zeros(3)
+        return Trajectory(z, z, z, z - 1, reward=float(calls), reward_terms={"accuracy": float(calls > 1)},
+                          status=status, metrics={"tool_calls": calls, "turns": calls + 1, "frames": 4 * calls})
+
+    m = batch_metrics([Group("g", "t", [traj(0), traj(1), traj(2), traj(3), traj(9, Status.FAILED)])], version=0)
+    assert m["episode/tool_calls"] == 1.5 and m["episode/turns"] == 2.5 and m["episode/frames"] == 6.0
+    assert m["episode/used_tools"] == 0.75 and m["accuracy"] == 0.5
+    assert batch_metrics([], version=0)["episode/used_tools"] == 0.0
+
+
 def test_docs_metrics_md_lists_every_metric():
     from pathlib import Path
 
