@@ -18,6 +18,7 @@ from configs import load_config
 from env.testing import call
 from env.tool import ToolOutput
 from env.types import Episode, Task, ToolCallRecord
+from learner.metrics import read_metrics
 
 ROOT = Path(__file__).resolve().parent.parent
 RECIPES = ["videozoomer", "video_o3", "paravt", "weaver", "deepeyes"]
@@ -446,7 +447,6 @@ def _recipe_cmd(recipe: str, model: Path, data: Path) -> list[str]:
 
 def _results(name: str, proc: subprocess.Popen, log: Path, run_dir: Path, steps: int) -> tuple[list[dict], list]:
     """(metrics rows, trajectories) of a finished run; it must have exited 0 after `steps` steps."""
-    from learner.metrics import read_metrics
     from protos.codec import read_trajectories
 
     try:
@@ -572,8 +572,6 @@ def test_recipe_trains_two_steps_and_its_mechanism_happens(recipe, recipe_runs):
     nothing else), 2 steps on Ray with vLLM; then the recipe's own mechanism is found in what it did."""
     if isinstance(recipe_runs[recipe], AssertionError):
         raise recipe_runs[recipe]
-    from learner.metrics import read_metrics
-
     _, trajs, run_dir = recipe_runs[recipe]
     steps = read_metrics(run_dir)  # the trained steps
     terms = {"videozoomer": {"accuracy", "format"}}.get(recipe, {"accuracy", "format", "tool"})
@@ -630,7 +628,6 @@ def test_a_users_tool_and_reward_run_in_check_env_and_in_train_on_ray(recipe_run
     the last), each time with exactly that step's weights, through the same tools."""
     import os
 
-    from learner.metrics import read_metrics
     from models.hf import load_processor
 
     env = {**os.environ, **plugin_env(tmp_path)}
