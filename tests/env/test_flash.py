@@ -118,3 +118,34 @@ def test_caption_frames_say_what_the_pixels_show():
     assert seen["nothing"] >= 1 and all(seen[c] >= 2 for c in OPTIONS), seen
     a, b = caption_frames(np.random.default_rng(9)), caption_frames(np.random.default_rng(9))
     assert a[1] == b[1] and all(np.array_equal(x, y) for x, y in zip(a[0], b[0]))
+
+
+def test_demo_looks_tells_a_zoom_into_the_searched_segment_from_one_elsewhere(flash):
+    """scripts/demo_looks.py reads the search hit out of env/tools.py's real output (so a change of that
+    format fails here) and compares it with the episode's zoom call, as the policy writes it."""
+    import asyncio
+    import importlib.util
+
+    from configs import load_config
+    from env import LocalEnv, load_tasks
+    from env.testing import call
+
+    spec = importlib.util.spec_from_file_location("demo_looks", "scripts/demo_looks.py")
+    looks = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(looks)
+    cfg = load_config("configs/demo.yaml", [])
+    task = load_tasks(flash / "tasks.jsonl")[0]
+
+    async def search_output() -> str:
+        ep = LocalEnv(cfg.env, cfg.reward).episode("looks")
+        await ep.reset(task)
+        obs, *_ = await ep.step(call("temporal_search", query=task.question, top_k=1))
+        return obs.text
+
+    text = asyncio.run(search_output())
+    lo, hi = (float(x) for x in looks.HIT.search(text).groups())
+    assert hi - lo == 5.0 and lo % 5 == 0, text  # one caption segment
+    zoom = lambda a, b: call("temporal_zoom", start=a, end=b, num_frames=4)  # noqa: E731
+    assert looks.kind(text + zoom(lo, hi)) == "searched segment"
+    assert looks.kind(text + zoom(lo + 5, hi + 5)) == looks.kind(text + zoom(lo, hi + 5)) == "elsewhere"
+    assert looks.kind(text + "<answer>A</answer>") == "no zoom"
