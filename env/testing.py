@@ -119,13 +119,13 @@ class OraclePolicy:
         the search returns (its first hit), answer what `read` reads in the zoomed frames."""
         if self.turn == 1:
             return call("temporal_search", query=self.task.question, top_k=1)
-        hit = _FIRST_HIT.search(obs.text) if self.turn == 2 else None
+        hit = FIRST_HIT.search(obs.text) if self.turn == 2 else None
         if hit:
             return call("temporal_zoom", start=float(hit.group(1)), end=float(hit.group(2)), num_frames=self.zoom_frames)
         return self._answer_read(obs)
 
 
-_FIRST_HIT = re.compile(r"^1\. (\d+(?:\.\d+)?)s-(\d+(?:\.\d+)?)s", re.MULTILINE)  # env.tools' search rows
+FIRST_HIT = re.compile(r"^1\. (\d+(?:\.\d+)?)s-(\d+(?:\.\d+)?)s", re.MULTILINE)  # env.tools' search rows
 
 
 class BlindPolicy:

@@ -11,39 +11,43 @@ count and accuracy of three kinds of episode: answered without a zoom; zoomed in
 
 from __future__ import annotations
 
-import re
 import sys
 from collections import Counter
+from typing import Sequence
 
-import numpy as np
-
-HIT = re.compile(r"^1\. (\d+(?:\.\d+)?)s-(\d+(?:\.\d+)?)s \(score", re.MULTILINE)  # env/tools.py's search rows
-ZOOM = re.compile(r'"name": "temporal_zoom", "arguments": \{"start": ([\d.]+), "end": ([\d.]+)')
+from env.parser import parse_action
+from env.testing import FIRST_HIT  # the search's first row, as env/tools.py writes it
 
 
-def kind(text: str) -> str:
-    """'no zoom', 'searched segment' or 'elsewhere', from an episode's text after its prompt."""
-    zoom = ZOOM.search(text)
-    if not zoom:
+def kind(turns: Sequence[str], text: str) -> str:
+    """'no zoom', 'searched segment' or 'elsewhere': the first temporal_zoom call of the policy's `turns`
+    (parsed as the env parses them) against the first search hit in the episode's `text`."""
+    zoom = next((c.arguments for turn in turns for c in parse_action(turn).calls if c.name == "temporal_zoom"), None)
+    if zoom is None:
         return "no zoom"
-    hit = HIT.search(text)
-    same = hit and (float(hit.group(1)), float(hit.group(2))) == (float(zoom.group(1)), float(zoom.group(2)))
+    hit = FIRST_HIT.search(text)
+    try:
+        same = hit is not None and (float(hit.group(1)), float(hit.group(2))) == (float(zoom["start"]), float(zoom["end"]))
+    except (KeyError, TypeError, ValueError):  # a call the env rejected for its arguments zoomed nowhere useful
+        same = False
     return "searched segment" if same else "elsewhere"
 
 
 def main(model_dir: str, files: list[str]) -> int:
     from transformers import AutoTokenizer
 
+    from learner.sft import model_turns
     from protos.codec import read_trajectories
 
     tok = AutoTokenizer.from_pretrained(model_dir)
     count, right = Counter(), Counter()
     for f in files:
         for t in read_trajectories(f):
-            gen = np.flatnonzero(t.loss_mask)
-            if not len(gen):
+            spans = model_turns(t)
+            if not spans:
                 continue
-            k = kind(tok.decode(t.token_ids[gen[0]:].tolist()))
+            turns = [tok.decode(t.token_ids[a:b].tolist()) for a, b in spans]
+            k = kind(turns, tok.decode(t.token_ids[spans[0][0]:].tolist()))
             count[k] += 1
             right[k] += t.reward_terms.get("accuracy", 0.0) > 0.5
     for k in ("no zoom", "searched segment", "elsewhere"):

@@ -122,7 +122,8 @@ def test_caption_frames_say_what_the_pixels_show():
 
 def test_demo_looks_tells_a_zoom_into_the_searched_segment_from_one_elsewhere(flash):
     """scripts/demo_looks.py reads the search hit out of env/tools.py's real output (so a change of that
-    format fails here) and compares it with the episode's zoom call, as the policy writes it."""
+    format fails here) and compares it with the first zoom call of the policy's turns, parsed as the env
+    parses them."""
     import asyncio
     import importlib.util
 
@@ -135,17 +136,22 @@ def test_demo_looks_tells_a_zoom_into_the_searched_segment_from_one_elsewhere(fl
     spec.loader.exec_module(looks)
     cfg = load_config("configs/demo.yaml", [])
     task = load_tasks(flash / "tasks.jsonl")[0]
+    search = call("temporal_search", query=task.question, top_k=1)
 
     async def search_output() -> str:
         ep = LocalEnv(cfg.env, cfg.reward).episode("looks")
         await ep.reset(task)
-        obs, *_ = await ep.step(call("temporal_search", query=task.question, top_k=1))
+        obs, *_ = await ep.step(search)
         return obs.text
 
     text = asyncio.run(search_output())
-    lo, hi = (float(x) for x in looks.HIT.search(text).groups())
+    lo, hi = (float(x) for x in looks.FIRST_HIT.search(text).groups())
     assert hi - lo == 5.0 and lo % 5 == 0, text  # one caption segment
+
+    def kind(*turns: str) -> str:
+        return looks.kind([search, *turns], text)
+
     zoom = lambda a, b: call("temporal_zoom", start=a, end=b, num_frames=4)  # noqa: E731
-    assert looks.kind(text + zoom(lo, hi)) == "searched segment"
-    assert looks.kind(text + zoom(lo + 5, hi + 5)) == looks.kind(text + zoom(lo, hi + 5)) == "elsewhere"
-    assert looks.kind(text + "<answer>A</answer>") == "no zoom"
+    assert kind(zoom(lo, hi), "<answer>A</answer>") == "searched segment"
+    assert kind(zoom(lo + 5, hi + 5)) == kind(zoom(lo, hi + 5)) == "elsewhere"
+    assert kind("<answer>A</answer>") == "no zoom"
