@@ -12,6 +12,8 @@ Owns
   each zoom turn does not see the earlier turns' zoomed clips;
 * `valid_action_rate`: how often the model's own continuation of a held-out
   turn parses as a clean action (`env.parser.parse_action` with no errors);
+* `decision_accuracy`: teacher-forced on the held-out episodes, how often the model gets the tool
+  arguments and the answer right and how likely it is to open with a tool call;
 * `decision_only` (answer-first episodes train the choice to answer, not the answer) and
   `freeze_vision` (trainer.sft_freeze_vision: the language model learns, the vision tower stays);
 * `main_sft`: the `weft sft` command;
@@ -326,6 +328,71 @@ def valid_action_rate(model: Any, processor: Any, trajs: Sequence[Trajectory], *
     return {"rate": ok / n if n else 0.0, "turns": n, "valid": ok, "examples": examples}
 
 
+@torch.no_grad()
+def decision_accuracy(sm: SftModel, trajs: Sequence[Trajectory]) -> dict[str, Any]:
+    """What the cold start got right where a policy decides, teacher-forced on held-out scripted episodes.
+
+    * `arguments`: per `tool.argument`, the fraction of calls whose value tokens are each the model's argmax
+      (temporal_zoom.start: did it copy the start of the segment the search returned?);
+    * `answer`: the same for the tokens inside `<answer></answer>`;
+    * `first_call_p`: the mean probability of the script's first token where its first turn is a tool call
+      (below 0.5 the greedy policy does not look there; it is how often sampling does).
+    Whether GRPO from a cold start learns to look follows these (README, demo reliability): a wrong
+    copy or reading makes looking pay little more than guessing, and a rare look gives GRPO little to push."""
+    from env.parser import parse_action
+
+    tok, w = sm.tokenizer, lm_head_weight(sm.model)
+    hits: dict[str, list[bool]] = {}
+    first_p: list[float] = []
+    was_training = sm.model.training
+    sm.model.eval()
+    try:
+        for t, s in zip(trajs, to_samples(trajs, sm.processor, sm.image_token_id)):
+            mb = sm.collate([s])
+            z = (hidden_states(sm.model, mb.inputs)[0, :-1] @ w.t().to(torch.float32)).float()
+            if sm.banned.numel():
+                z.index_fill_(1, sm.banned, -math.inf)
+            pred = z.argmax(-1).cpu().numpy()  # pred[i]: the model's guess at token i + 1
+            ids = t.token_ids
+            for n, (a, b) in enumerate(model_turns(t)):
+                text, spans = _value_spans(tok, ids[a:b].tolist(), parse_action)
+                if n == 0 and parse_action(text).calls:
+                    first_p.append(float(torch.softmax(z[a - 1], -1)[int(ids[a])]))
+                for key, lo, hi in spans:
+                    hits.setdefault(key, []).append(bool((pred[a + lo - 1:a + hi - 1] == ids[a + lo:a + hi]).all()))
+    finally:
+        sm.model.train(was_training)
+    rate = {k: round(sum(v) / len(v), 3) for k, v in sorted(hits.items())}
+    return {"arguments": {k: v for k, v in rate.items() if k != "answer"}, "answer": rate.get("answer"),
+            "first_call_p": round(float(np.mean(first_p)), 3) if first_p else None, "episodes": len(trajs)}
+
+
+def _value_spans(tok: Any, ids: list[int], parse: Callable[[str], Any]) -> tuple[str, list[tuple[str, int, int]]]:
+    """The turn's text and, for each tool-call argument value and the answer, (name, first token, end token)
+    within `ids`. A value is found as its JSON after `"key": ` (how the scripts write calls); one written
+    otherwise is left out."""
+    text = tok.decode(ids)
+    ends = [len(tok.decode(ids[:i + 1])) for i in range(len(ids))]  # where token i's text ends
+
+    def tokens(lo: int, hi: int) -> tuple[int, int]:
+        first = next(i for i, e in enumerate(ends) if e > lo)
+        return first, next((i for i, e in enumerate(ends) if e >= hi), len(ids) - 1) + 1
+
+    spans, pos = [], 0
+    parsed = parse(text)
+    for call in parsed.calls:
+        for key, value in (call.arguments or {}).items():
+            needle = f'"{key}": '
+            at = text.find(needle + json.dumps(value), pos)
+            if at >= 0:
+                pos = at + len(needle)
+                spans.append((f"{call.name}.{key}", *tokens(pos, pos + len(json.dumps(value)))))
+    if parsed.answer is not None and "<answer>" in text and "</answer>" in text:
+        lo = text.index("<answer>") + len("<answer>")
+        spans.append(("answer", *tokens(lo, text.index("</answer>", lo))))
+    return text, spans
+
+
 def _images_of(t: Trajectory) -> list[np.ndarray]:
     """Inline pixels, or the re-decoded (hash-checked) images of the trajectory's FrameRefs."""
     if t.pixels is not None or not t.media:
@@ -501,6 +568,7 @@ def main_sft(args: argparse.Namespace, scripted: Optional[Callable[..., list[Tra
                "loss_first": history[0]["sft/loss"], "loss_last": history[-1]["sft/loss"],
                "token_acc_last": history[-1]["sft/token_acc"],
                "valid_action_rate_before": None if before is None else before["rate"],
-               "valid_action_rate_after": None if after is None else after["rate"]}
+               "valid_action_rate_after": None if after is None else after["rate"],
+               "held_out_decisions": decision_accuracy(sm, held) if held else None}
     print(json.dumps(summary))
     return 0

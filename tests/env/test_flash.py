@@ -11,8 +11,8 @@ import re
 import pytest
 
 from env.demo import CAPTION_SECONDS, load_jsonl, render_frames
-from env.flash import (AVOID_COUNTS, OPTIONS, SHAPES, flash_sprites, make_flash_data, make_flash_task, read_colour,
-                       shape_sprite)
+from env.flash import (AVOID_COUNTS, OPTIONS, SHAPES, flash_sprites, make_flash_data, make_flash_task, plan_flashes,
+                       read_colour, shape_sprite)
 
 
 @pytest.fixture(scope="module")
@@ -45,6 +45,17 @@ def test_tasks_are_deterministic_and_balanced(flash, tmp_path):
         assert len(hits) == 1 and not words & set(OPTIONS), words & set(OPTIONS)  # no caption names a colour
         (s, e), = t["evidence"]
         assert hits[0]["start"] <= s < e <= hits[0]["end"]
+
+
+def test_the_target_is_any_of_the_four_flashes_so_its_segment_must_be_searched():
+    """Where the target flashes is spread over the video: a policy that zooms into one fixed segment, or into
+    the earliest flash, is right about as often as it would be guessing (it was not: the target was always
+    the earliest flash)."""
+    targets = [plan_flashes(i, 13, 30.0, 10.0, (112, 64)) for i in range(96)]
+    segment = collections.Counter(int(f[0]["first"] / 10.0 // CAPTION_SECONDS) for f in targets)
+    earliest = sum(f[0]["first"] == min(g["first"] for g in f) for f in targets)
+    assert set(segment) == set(range(6)) and max(segment.values()) <= 96 // 4, segment
+    assert 12 <= earliest <= 36, earliest  # 1 in 4 expected: 24
 
 
 def test_uniform_frames_never_show_a_flash_and_a_zoom_into_its_segment_does(flash):

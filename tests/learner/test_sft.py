@@ -104,6 +104,44 @@ def test_sft_teaches_the_action_format(tiny_dir, make_cfg, demo_tasks):
     assert history[-1]["sft/loss"] < 0.3 * history[0]["sft/loss"]
     assert before["rate"] <= 1 / 6  # a random model essentially never writes a clean action
     assert after["rate"] >= before["rate"] + 0.5
+    _check_decision_accuracy(sm, held)
+
+
+def _check_decision_accuracy(sm, held):
+    """decision_accuracy, teacher-forced on the held-out episodes: the constant arguments the SFT taught are
+    right, and the same episodes with one value changed to one the script never wrote score 0 for it (the
+    measured tokens are the value's, not their neighbours')."""
+    import dataclasses
+
+    from learner.sft import _value_spans, decision_accuracy, model_turns
+
+    got = decision_accuracy(sm, held)
+    assert got["episodes"] == 2 and set(got["arguments"]) >= {"temporal_zoom.start", "temporal_zoom.num_frames",
+                                                               "temporal_search.top_k", "spatial_zoom.bbox"}, got
+    assert got["arguments"]["temporal_search.top_k"] == 1.0 and got["arguments"]["temporal_zoom.num_frames"] == 1.0
+    assert 0.0 <= got["first_call_p"] <= 1.0 and got["answer"] is not None
+    tok = sm.tokenizer
+    t = held[0]
+    for a, b in model_turns(t):  # each measured span is the fewest tokens that hold its value
+        text, spans = _value_spans(tok, t.token_ids[a:b].tolist(), parse_action)
+        for key, lo, hi in spans:
+            want = parse_action(text).answer if key == "answer" else json.dumps(next(
+                c.arguments[key.split(".")[1]] for c in parse_action(text).calls if c.name == key.split(".")[0]))
+            ids = t.token_ids[a:b].tolist()
+            assert want in tok.decode(ids[lo:hi]), (key, want)
+            assert want not in tok.decode(ids[lo + 1:hi]) and want not in tok.decode(ids[lo:hi - 1]), (key, want)
+    changed = []
+    for t in held:
+        ids = t.token_ids.copy()
+        a, b = model_turns(t)[0]
+        at = tok.decode(ids[a:b].tolist()).index('"top_k": ') + len('"top_k": ')
+        i = next(i for i in range(a, b) if len(tok.decode(ids[a:i + 1].tolist())) > at)
+        assert tok.decode([int(ids[i])]).strip() == "3"  # the oracle searches with top_k 3
+        ids[i] = tok.convert_tokens_to_ids(tok.tokenize(" 5"))[0]
+        changed.append(dataclasses.replace(t, token_ids=ids))
+    bad = decision_accuracy(sm, changed)
+    assert bad["arguments"]["temporal_search.top_k"] == 0.0, bad
+    assert bad["arguments"]["temporal_zoom.num_frames"] == 1.0, bad
 
 
 def test_weft_sft_command(tiny_dir, demo_tasks, processor, make_cfg, tmp_path, capsys):
