@@ -344,27 +344,33 @@ def decision_accuracy(sm: SftModel, trajs: Sequence[Trajectory]) -> dict[str, An
     tok, w = sm.tokenizer, lm_head_weight(sm.model)
     hits: dict[str, list[bool]] = {}
     first_p: list[float] = []
+    measured = 0
     was_training = sm.model.training
     sm.model.eval()
     try:
-        for t, s in zip(trajs, to_samples(trajs, sm.processor, sm.image_token_id)):
-            mb = sm.collate([s])
-            z = (hidden_states(sm.model, mb.inputs)[0, :-1] @ w.t().to(torch.float32)).float()
-            if sm.banned.numel():
-                z.index_fill_(1, sm.banned, -math.inf)
-            pred = z.argmax(-1).cpu().numpy()  # pred[i]: the model's guess at token i + 1
+        for t in trajs:
+            samples = to_samples([t], sm.processor, sm.image_token_id)  # none when its media fail (logged)
+            if not samples:
+                continue
+            measured += 1
+            h = hidden_states(sm.model, sm.collate(samples).inputs)[0]
             ids = t.token_ids
             for n, (a, b) in enumerate(model_turns(t)):
+                # Logits of this turn's positions only: [turn, vocab], never [episode, vocab].
+                z = (h[a - 1:b - 1] @ w.t().to(h.dtype)).float()
+                if sm.banned.numel():
+                    z.index_fill_(1, sm.banned, -math.inf)
+                pred = z.argmax(-1).cpu().numpy()  # pred[j]: the model's guess at token a + j
                 text, spans = _value_spans(tok, ids[a:b].tolist(), parse_action)
                 if n == 0 and parse_action(text).calls:
-                    first_p.append(float(torch.softmax(z[a - 1], -1)[int(ids[a])]))
+                    first_p.append(float(torch.softmax(z[0], -1)[int(ids[a])]))
                 for key, lo, hi in spans:
-                    hits.setdefault(key, []).append(bool((pred[a + lo - 1:a + hi - 1] == ids[a + lo:a + hi]).all()))
+                    hits.setdefault(key, []).append(bool((pred[lo:hi] == ids[a + lo:a + hi]).all()))
     finally:
         sm.model.train(was_training)
     rate = {k: round(sum(v) / len(v), 3) for k, v in sorted(hits.items())}
     return {"arguments": {k: v for k, v in rate.items() if k != "answer"}, "answer": rate.get("answer"),
-            "first_call_p": round(float(np.mean(first_p)), 3) if first_p else None, "episodes": len(trajs)}
+            "first_call_p": round(float(np.mean(first_p)), 3) if first_p else None, "episodes": measured}
 
 
 def _value_spans(tok: Any, ids: list[int], parse: Callable[[str], Any]) -> tuple[str, list[tuple[str, int, int]]]:
