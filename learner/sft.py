@@ -339,8 +339,6 @@ def decision_accuracy(sm: SftModel, trajs: Sequence[Trajectory]) -> dict[str, An
       (below 0.5 the greedy policy does not look there; it is how often sampling does).
     Whether GRPO from a cold start learns to look follows these (README, demo reliability): a wrong
     copy or reading makes looking pay little more than guessing, and a rare look gives GRPO little to push."""
-    from env.parser import parse_action
-
     tok, w = sm.tokenizer, lm_head_weight(sm.model)
     hits: dict[str, list[bool]] = {}
     first_p: list[float] = []
@@ -361,8 +359,8 @@ def decision_accuracy(sm: SftModel, trajs: Sequence[Trajectory]) -> dict[str, An
                 if sm.banned.numel():
                     z.index_fill_(1, sm.banned, -math.inf)
                 pred = z.argmax(-1).cpu().numpy()  # pred[j]: the model's guess at token a + j
-                text, spans = _value_spans(tok, ids[a:b].tolist(), parse_action)
-                if n == 0 and parse_action(text).calls:
+                action, spans = _value_spans(tok, ids[a:b].tolist())
+                if n == 0 and action.calls:
                     first_p.append(float(torch.softmax(z[0], -1)[int(ids[a])]))
                 for key, lo, hi in spans:
                     hits.setdefault(key, []).append(bool((pred[lo:hi] == ids[a + lo:a + hi]).all()))
@@ -373,10 +371,12 @@ def decision_accuracy(sm: SftModel, trajs: Sequence[Trajectory]) -> dict[str, An
             "first_call_p": round(float(np.mean(first_p)), 3) if first_p else None, "episodes": measured}
 
 
-def _value_spans(tok: Any, ids: list[int], parse: Callable[[str], Any]) -> tuple[str, list[tuple[str, int, int]]]:
-    """The turn's text and, for each tool-call argument value and the answer, (name, first token, end token)
-    within `ids`. A value is found as its JSON after `"key": ` (how the scripts write calls); one written
-    otherwise is left out."""
+def _value_spans(tok: Any, ids: list[int]) -> tuple[Any, list[tuple[str, int, int]]]:
+    """The turn parsed (`env.parser.parse_action`) and, for each tool-call argument value and the answer,
+    (name, first token, end token) within `ids`. A value is found as its JSON after `"key": ` (how the
+    scripts write calls); one written otherwise is left out."""
+    from env.parser import parse_action
+
     text = tok.decode(ids)
     ends = [len(tok.decode(ids[:i + 1])) for i in range(len(ids))]  # where token i's text ends
 
@@ -385,18 +385,18 @@ def _value_spans(tok: Any, ids: list[int], parse: Callable[[str], Any]) -> tuple
         return first, next((i for i, e in enumerate(ends) if e >= hi), len(ids) - 1) + 1
 
     spans, pos = [], 0
-    parsed = parse(text)
+    parsed = parse_action(text)
     for call in parsed.calls:
         for key, value in (call.arguments or {}).items():
-            needle = f'"{key}": '
-            at = text.find(needle + json.dumps(value), pos)
+            needle, written = f'"{key}": ', json.dumps(value)
+            at = text.find(needle + written, pos)
             if at >= 0:
                 pos = at + len(needle)
-                spans.append((f"{call.name}.{key}", *tokens(pos, pos + len(json.dumps(value)))))
+                spans.append((f"{call.name}.{key}", *tokens(pos, pos + len(written))))
     if parsed.answer is not None and "<answer>" in text and "</answer>" in text:
         lo = text.index("<answer>") + len("<answer>")
         spans.append(("answer", *tokens(lo, text.index("</answer>", lo))))
-    return text, spans
+    return parsed, spans
 
 
 def _images_of(t: Trajectory) -> list[np.ndarray]:

@@ -123,10 +123,10 @@ def _check_decision_accuracy(sm, held):
     tok = sm.tokenizer
     t = held[0]
     for a, b in model_turns(t):  # each measured span is the fewest tokens that hold its value
-        text, spans = _value_spans(tok, t.token_ids[a:b].tolist(), parse_action)
+        action, spans = _value_spans(tok, t.token_ids[a:b].tolist())
         for key, lo, hi in spans:
-            want = parse_action(text).answer if key == "answer" else json.dumps(next(
-                c.arguments[key.split(".")[1]] for c in parse_action(text).calls if c.name == key.split(".")[0]))
+            want = action.answer if key == "answer" else json.dumps(next(
+                c.arguments[key.split(".")[1]] for c in action.calls if c.name == key.split(".")[0]))
             ids = t.token_ids[a:b].tolist()
             assert want in tok.decode(ids[lo:hi]), (key, want)
             assert want not in tok.decode(ids[lo + 1:hi]) and want not in tok.decode(ids[lo:hi - 1]), (key, want)
